@@ -1,0 +1,256 @@
+"""tinyprune command line: parse, call one exporter function, print, map errors to exit codes.
+
+Heavy modules (torch, diffusers, onnx, tensorrt) are imported inside the commands so that
+`tinyprune --help` stays fast and works without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from exporter.errors import TinypruneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune diffusers pipelines and export them as ONNX / TensorRT bundles for edge devices.")
+out = Console()
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+state = {"debug": False}
+
+ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)")
+TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path")
+SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunable weights set to zero, in [0, 1)")
+MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude")
+PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores)")
+ScopeOpt = typer.Option("global", "--scope", help="global (one threshold over all layers) | layer (same sparsity per layer)")
+JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout")
+
+
+def log(msg: str) -> None:
+    err.print(f"[dim]tinyprune:[/dim] {msg}")
+
+
+def run(fn, *args, as_json: bool = False, show=None, **kwargs):
+    """Call one exporter function; one line on stderr and the right exit code for every failure."""
+    try:
+        result = fn(*args, **kwargs)
+    except TinypruneError as e:
+        if state["debug"]:
+            raise
+        if as_json and getattr(e, "result", None) is not None:
+            print(json.dumps(e.result, indent=2, default=str))
+        elif getattr(e, "result", None) is not None and show:
+            show(e.result)
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was published", markup=False)
+        raise typer.Exit(130)
+    except OSError as e:
+        if state["debug"]:
+            raise
+        err.print(f"error: {e.strerror or e} ({e.filename or 'no file'})", markup=False)
+        raise typer.Exit(2 if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)) else 1)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif show:
+        show(result)
+    return result
+
+
+def _num(x) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.4g}"
+    return str(x)
+
+
+def show_export(r: dict) -> None:
+    t = Table(title=f"bundle {r['bundle']} ({r['profile']}, {r['method']}, {r['pattern']})")
+    for col in ("check", "value", "gate", "ok"):
+        t.add_column(col)
+    for comp, s in r["sparsity"].items():
+        t.add_row(f"sparsity {comp}", f"{s:.4f}", f"requested {r['requested_sparsity']}", "")
+    for d in r["onnx_drift"]:
+        t.add_row(d["name"], f"max abs {d['max_abs']:.3g}", f"<= {d['tolerance']:.3g}", "yes" if d["ok"] else "NO")
+    img = r["image_drift"]
+    t.add_row(img["name"], f"PSNR {_num(img['psnr_db'])} dB", f">= {img['min_psnr_db']} dB", "yes" if img["ok"] else "NO")
+    out.print(t)
+    out.print(f"speed-up source: {r['speedup_source']}")
+
+
+@app.callback()
+def main_callback(debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+    state["debug"] = debug
+
+
+@app.command()
+def export(
+    model: Optional[Path] = ModelOpt,
+    sparsity: str = SparsityOpt,
+    target: str = TargetOpt,
+    method: str = MethodOpt,
+    pattern: str = PatternOpt,
+    scope: str = ScopeOpt,
+    prune_vae: bool = typer.Option(False, "--prune-vae", help="prune the VAE too"),
+    out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="bundle directory to write"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile"),
+    as_json: bool = JsonOpt,
+):
+    """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
+    from exporter.export import export as do_export
+
+    run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
+        force, min_psnr, log=log, as_json=as_json, show=show_export)
+
+
+@app.command()
+def prune(
+    model: Optional[Path] = ModelOpt,
+    sparsity: str = SparsityOpt,
+    target: str = TargetOpt,
+    method: str = MethodOpt,
+    pattern: str = PatternOpt,
+    scope: str = ScopeOpt,
+    prune_vae: bool = typer.Option(False, "--prune-vae", help="prune the VAE too"),
+    out_dir: Path = typer.Option(Path("pruned"), "--out", "-o", help="pipeline directory to write"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    as_json: bool = JsonOpt,
+):
+    """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
+    from exporter.export import prune_to_dir
+
+    run(prune_to_dir, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
+        force, log=log, as_json=as_json,
+        show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
+                                 + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
+
+
+@app.command()
+def validate(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB)"),
+    as_json: bool = JsonOpt,
+):
+    """Re-check ONNX vs PyTorch drift and dense vs pruned images against the profile; exit 1 when over."""
+    from exporter.validate import validate_bundle
+
+    run(validate_bundle, bundle, str(model) if model else None, min_psnr, log=log, as_json=as_json,
+        show=show_export)
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = JsonOpt):
+    """Check every checksum in the manifest and every sparsity claim in the ONNX metadata (exit 1 if off)."""
+    from exporter.bundle import verify as do_verify
+
+    def show(r):
+        if r["ok"]:
+            out.print(f"{r['bundle']}: {r['files']} files match the manifest; all metadata claims hold")
+        else:
+            for p in r["problems"]:
+                err.print(f"  {p}", markup=False)
+
+    run(do_verify, bundle, as_json=as_json, show=show)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="an ONNX file"),
+    all_tensors: bool = typer.Option(False, "--all", help="list every prunable initializer, not only sparse ones"),
+    as_json: bool = JsonOpt,
+):
+    """Sparsity per initializer, 2:4 validity along TensorRT's axis, and the tinyprune metadata."""
+    from exporter.inspect_onnx import inspect_file
+
+    def show(r):
+        t = Table(title=f"{r['file']}: sparsity {r['sparsity']:.4f} over {r['prunable']} prunable weights")
+        for col in ("initializer", "shape", "axis", "sparsity", "pattern"):
+            t.add_column(col)
+        for name, f in r["tensors"].items():
+            if all_tensors or f["zeros"]:
+                t.add_row(name, "x".join(map(str, f["shape"])), str(f["axis"]), f"{f['sparsity']:.4f}", f["pattern"])
+        out.print(t)
+        for k, v in r["metadata"].items():
+            out.print(f"{k} = {v if len(v) < 100 else v[:97] + '...'}", markup=False)
+        for p in r["problems"]:
+            err.print(f"claim does not hold: {p}", markup=False)
+
+    run(inspect_file, path, as_json=as_json, show=show)
+
+
+@app.command()
+def profiles(name: Optional[str] = typer.Argument(None, help="show one profile"), as_json: bool = JsonOpt):
+    """List device profiles, or show one."""
+    from exporter.config import list_profiles, load_profile
+
+    def show_one(p: dict):
+        t = Table(title=p["name"], show_header=False)
+        for k, v in p.items():
+            t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        out.print(t)
+
+    def show_all(rows: list[dict]):
+        t = Table(title="device profiles")
+        for col in ("name", "aliases", "cc", "sparse TC", "TensorRT", "max opset", "DLA", "description"):
+            t.add_column(col)
+        for p in rows:
+            t.add_row(p["name"], ",".join(p["aliases"]), p["compute_capability"] or "-",
+                      "yes" if p["sparse_tensor_cores"] else "no", p["trt_version"] or "-", str(p["max_opset"]),
+                      str(p["dla_cores"]), p["description"])
+        out.print(t)
+
+    if name:
+        run(lambda: load_profile(name).to_dict(), as_json=as_json, show=show_one)
+    else:
+        run(list_profiles, as_json=as_json, show=show_all)
+
+
+@app.command()
+def build(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile (default: the bundle's)"),
+    require_engine: bool = typer.Option(False, "--require-engine", help="exit 3 when engines cannot be built here"),
+    dla: bool = typer.Option(False, "--dla", help="put components on a DLA core where the target has one"),
+    as_json: bool = JsonOpt,
+):
+    """TensorRT engines with sparse weights where the target has sparse tensor cores, or the on-device script."""
+    from exporter.trt_build import build as do_build
+
+    def show(r):
+        if r.get("engines"):
+            for comp, e in r["engines"].items():
+                s = e["sparse"]
+                out.print(f"{comp}: {e['engine']} in {e['seconds']:.1f} s; sparse eligible {len(s['eligible'])}, "
+                          f"picked {len(s['picked'])}")
+                if s["unpicked_2to4"]:
+                    err.print(f"warning: {comp}: 2:4 tensors TensorRT did not run sparse: {', '.join(s['unpicked_2to4'])}", markup=False)
+        if r.get("notice"):
+            err.print(r["notice"], markup=False)
+        out.print(f"build script: {bundle / r['script']}")
+
+    run(do_build, bundle, target, require_engine, dla, as_json=as_json, show=show)
+
+
+def main():
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if state["debug"]:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""tinyprune: prune diffusers pipelines and export them as deployable ONNX / TensorRT bundles."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Bundle layout, manifest with sha256 of every file, atomic publish, and verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import GateFailed, InputError
+
+MANIFEST = "manifest.json"
+# Wall-clock times differ run to run; they live in this one file, outside the checksummed set, so that
+# the same inputs give byte-identical bundles otherwise.
+TIMINGS = "report/timings.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_table(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, TIMINGS)
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse before any work is done: an existing --out without --force, or an unwritable parent."""
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"parent directory {parent} of --out does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}: permission denied")
+
+
+@contextmanager
+def staged(out: Path, force: bool):
+    """Yield a temporary sibling dir; on success it replaces `out` by rename, on any failure it vanishes.
+
+    An interrupted run leaves either the old bundle or the new one at `out`, never half of one.
+    """
+    check_out_dir(out, force)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(root: Path, manifest: dict) -> dict:
+    manifest = dict(manifest, files=file_table(root))
+    write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(bundle: Path) -> dict:
+    path = Path(bundle) / MANIFEST
+    if not Path(bundle).is_dir():
+        raise InputError(f"bundle {bundle} does not exist or is not a directory")
+    if not path.is_file():
+        raise InputError(f"{bundle} is not a tinyprune bundle: {MANIFEST} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from None
+
+
+def verify(bundle: Path) -> dict:
+    """Every checksum in the manifest and every ONNX metadata claim; GateFailed naming what is off."""
+    from .onnx_export import load_onnx
+    from .onnx_sparsity import check_claims
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    problems = []
+    for rel, digest in sorted(manifest.get("files", {}).items()):
+        path = bundle / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel}: checksum mismatch")
+    extra = sorted(set(file_table(bundle)) - set(manifest.get("files", {})))
+    problems += [f"{rel}: not in the manifest" for rel in extra]
+    for name, comp in sorted(manifest.get("components", {}).items()):
+        path = bundle / comp["file"]
+        if not path.is_file() or any(p.startswith(comp["file"]) for p in problems):
+            continue
+        problems += [f"{comp['file']}: {p}" for p in check_claims(load_onnx(path))]
+    result = {"bundle": str(bundle), "files": len(manifest.get("files", {})), "problems": problems,
+              "ok": not problems}
+    if problems:
+        raise GateFailed(f"verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), result)
+    return result

@@ -1,0 +1,248 @@
+"""Frozen configuration, validated once at the edge: device profiles and the prune/export specs."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import InputError
+
+METHODS = ("magnitude",)
+PATTERNS = ("unstructured", "2:4", "auto")
+SCOPES = ("global", "layer")
+COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "text_encoder")
+
+
+@dataclass(frozen=True)
+class Range:
+    """min/opt/max of one dynamic dimension, as TensorRT optimization profiles want it."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    compute_capability: str  # "" for CPU-only targets
+    sparse_tensor_cores: bool
+    trt_version: str  # "" where the target has no TensorRT
+    max_opset: int
+    precisions: tuple[str, ...]
+    dla_cores: int
+    memory_budget_mb: int
+    workspace_mb: int
+    batch: Range
+    latent: Range | None  # None: the model's native latent size, fixed
+    tolerance: dict[str, float]  # max abs ONNX-vs-PyTorch drift per component
+    min_image_psnr_db: float  # dense vs pruned final image
+    max_fd_ratio: float
+    min_accuracy: float
+    latency_budget_ms: dict[str, float]
+    aliases: tuple[str, ...] = ()
+    jetpack: str = ""
+    source: str = field(default="", compare=False)
+
+    @property
+    def has_tensorrt(self) -> bool:
+        return bool(self.trt_version)
+
+    @property
+    def is_jetson(self) -> bool:
+        return bool(self.jetpack)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+def _profiles_dir():
+    return resources.files("exporter.profiles")
+
+
+def _profile_files() -> dict[str, object]:
+    return {p.name[:-5]: p for p in _profiles_dir().iterdir() if p.name.endswith(".toml")}
+
+
+def _aliases() -> dict[str, str]:
+    table = {}
+    for name, path in _profile_files().items():
+        data = tomllib.loads(path.read_text())
+        for alias in data.get("aliases", []):
+            table[alias] = name
+    return table
+
+
+def profile_names() -> list[str]:
+    return sorted(_profile_files())
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A shipped profile by name or alias, or a TOML file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml"):
+        if not path.is_file():
+            raise InputError(f"profile file {name_or_path} does not exist")
+        return parse_profile(path.read_text(), str(path))
+    files = _profile_files()
+    name = _aliases().get(name_or_path, name_or_path)
+    if name not in files:
+        known = ", ".join(sorted(list(files) + list(_aliases())))
+        raise InputError(f"unknown target '{name_or_path}'; known targets: {known}")
+    return parse_profile(files[name].read_text(), f"profiles/{name}.toml")
+
+
+def _get(data: dict, key: str, kind, where: str, default=...):
+    if key not in data:
+        if default is ...:
+            raise InputError(f"{where}: missing field '{key}'")
+        return default
+    value = data[key]
+    ok = isinstance(value, kind) and not (kind in (int, (int, float)) and isinstance(value, bool))
+    if not ok:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InputError(f"{where}: field '{key}' must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _range(value, key: str, where: str) -> Range:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise InputError(f"{where}: field '{key}' must be [min, opt, max] integers, got {value!r}")
+    lo, opt, hi = value
+    if not 1 <= lo <= opt <= hi:
+        raise InputError(f"{where}: field '{key}' must satisfy 1 <= min <= opt <= max, got {value!r}")
+    return Range(lo, opt, hi)
+
+
+def parse_profile(text: str, where: str) -> DeviceProfile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{where}: not valid TOML ({e})") from None
+    number = (int, float)
+    cc = _get(data, "compute_capability", str, where)
+    sparse = _get(data, "sparse_tensor_cores", bool, where)
+    try:
+        cc_value = float(cc) if cc else 0.0
+    except ValueError:
+        raise InputError(f"{where}: field 'compute_capability' must look like \"8.7\" or be \"\", got {cc!r}") from None
+    if sparse and cc_value < 8.0:
+        raise InputError(
+            f"{where}: field 'sparse_tensor_cores' is true but compute capability '{cc}' < 8.0 has none"
+        )
+    shapes = _get(data, "shapes", dict, where)
+    latent = shapes.get("latent", "native")
+    tolerance = _get(data, "tolerance", dict, where)
+    for comp, tol in tolerance.items():
+        if comp not in COMPONENTS:
+            raise InputError(f"{where}: [tolerance] has unknown component '{comp}'")
+        if not isinstance(tol, number) or isinstance(tol, bool) or not tol > 0:
+            raise InputError(f"{where}: [tolerance] field '{comp}' must be a positive number, got {tol!r}")
+    gates = _get(data, "gates", dict, where)
+    latency = _get(data, "latency_budget_ms", dict, where, {})
+    for key, ms in latency.items():
+        if not isinstance(ms, number) or isinstance(ms, bool) or not ms > 0:
+            raise InputError(f"{where}: [latency_budget_ms] field '{key}' must be a positive number, got {ms!r}")
+    for key in ("dla_cores", "memory_budget_mb", "workspace_mb"):
+        if _get(data, key, int, where) < 0:
+            raise InputError(f"{where}: field '{key}' must be >= 0")
+    if data["workspace_mb"] > data["memory_budget_mb"]:
+        raise InputError(f"{where}: field 'workspace_mb' exceeds 'memory_budget_mb'")
+    aliases = _get(data, "aliases", list, where, [])
+    if not all(isinstance(a, str) for a in aliases):
+        raise InputError(f"{where}: field 'aliases' must be a list of strings")
+    precisions = tuple(_get(data, "precisions", list, where))
+    if not precisions:
+        raise InputError(f"{where}: field 'precisions' is empty")
+    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    if unknown:
+        raise InputError(f"{where}: field 'precisions' has unknown values {sorted(unknown)}")
+    return DeviceProfile(
+        name=_get(data, "name", str, where),
+        description=_get(data, "description", str, where),
+        compute_capability=cc,
+        sparse_tensor_cores=sparse,
+        trt_version=_get(data, "trt_version", str, where),
+        jetpack=_get(data, "jetpack", str, where, ""),
+        max_opset=_get(data, "max_opset", int, where),
+        precisions=precisions,
+        dla_cores=_get(data, "dla_cores", int, where),
+        memory_budget_mb=_get(data, "memory_budget_mb", int, where),
+        workspace_mb=_get(data, "workspace_mb", int, where),
+        batch=_range(_get(shapes, "batch", list, f"{where} [shapes]"), "batch", f"{where} [shapes]"),
+        latent=None if latent == "native" else _range(latent, "latent", f"{where} [shapes]"),
+        tolerance={k: float(v) for k, v in tolerance.items()},
+        min_image_psnr_db=float(_get(gates, "min_image_psnr_db", number, f"{where} [gates]")),
+        max_fd_ratio=float(_get(gates, "max_fd_ratio", number, f"{where} [gates]")),
+        min_accuracy=float(_get(gates, "min_accuracy", number, f"{where} [gates]")),
+        latency_budget_ms={k: float(v) for k, v in latency.items()},
+        aliases=tuple(aliases),
+        source=where,
+    )
+
+
+def parse_sparsity(value: str | float) -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--sparsity must be a number in [0, 1), got '{value}'") from None
+    if math.isnan(s) or not 0.0 <= s < 1.0:
+        raise InputError(f"--sparsity must be in [0, 1), got {value}")
+    return s
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str = "magnitude"
+    sparsity: float = 0.43
+    pattern: str = "unstructured"  # resolved: never "auto" once built by resolve()
+    scope: str = "global"
+    prune_vae: bool = False
+    seed: int = 0
+
+    @staticmethod
+    def resolve(method: str, sparsity, pattern: str, scope: str, prune_vae: bool, profile: DeviceProfile,
+                seed: int = 0) -> tuple["PruneSpec", list[str]]:
+        """Validate the user's choices against the target; returns the spec and notices to show."""
+        notices = []
+        s = parse_sparsity(sparsity)
+        if method not in METHODS:
+            raise InputError(f"unknown --method '{method}'; known methods: {', '.join(METHODS)}")
+        if pattern not in PATTERNS:
+            raise InputError(f"unknown --pattern '{pattern}'; known patterns: {', '.join(PATTERNS)}")
+        if scope not in SCOPES:
+            raise InputError(f"unknown --scope '{scope}'; known scopes: {', '.join(SCOPES)}")
+        if pattern == "auto":
+            pattern = "2:4" if profile.sparse_tensor_cores else "unstructured"
+        if pattern == "unstructured":
+            notices.append(
+                f"unstructured zeros run as dense math and will not be faster on {profile.name}"
+                + ("; --pattern 2:4 uses its sparse tensor cores" if profile.sparse_tensor_cores
+                   else " (it has no sparse tensor cores)")
+            )
+        if pattern == "2:4" and not profile.sparse_tensor_cores:
+            raise InputError(
+                f"pattern 2:4 needs sparse tensor cores (compute capability >= 8.0); target {profile.name} "
+                f"has none: use --pattern unstructured"
+            )
+        return PruneSpec(method, s, pattern, scope, prune_vae, seed), notices
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    opset: int
+    batch: Range
+    latent: Range  # latent height/width
+    external_data_threshold: int = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+
+
+def list_profiles() -> list[dict]:
+    return [load_profile(name).to_dict() for name in profile_names()]

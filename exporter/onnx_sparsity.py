@@ -1,0 +1,125 @@
+"""Sparsity as the ONNX file holds it: recomputed from the initializers, never taken on trust.
+
+Prunable initializers are the weight inputs of Conv, ConvTranspose, MatMul and Gemm nodes. TensorRT
+reads 2:4 along the reduction axis: Conv weight [K, C, R, S] -> axis 1; MatMul B [in, out] (the
+transpose of torch's Linear weight) -> axis 0; Gemm B -> axis 1 when transB=1, else axis 0.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+PREFIX = "tinyprune."
+
+
+def _weight_axes(graph: onnx.GraphProto) -> dict[str, int]:
+    inits = {i.name for i in graph.initializer}
+    axes = {}
+    for node in graph.node:
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            axes[node.input[1]] = 1 if node.op_type == "Conv" else 0
+        elif node.op_type == "MatMul":
+            axes[node.input[1]] = 0
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axes[node.input[1]] = 1 if trans_b else 0
+    return axes
+
+
+def is_n_of_m(w: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
+    """At least m - n zeros in every m consecutive weights along `axis`."""
+    if w.ndim < 2 or w.shape[axis] % m:
+        return False
+    groups = np.moveaxis(w, axis, -1).reshape(-1, m)
+    return bool(((groups == 0).sum(axis=1) >= m - n).all())
+
+
+def tensor_figures(model: onnx.ModelProto) -> dict[str, dict]:
+    """Per prunable initializer: sparsity, pattern actually present, axis, zeros, size."""
+    axes = _weight_axes(model.graph)
+    out = {}
+    for init in model.graph.initializer:
+        if init.name not in axes:
+            continue
+        w = numpy_helper.to_array(init)
+        zeros = int((w == 0).sum())
+        axis = axes[init.name]
+        pattern = "2:4" if zeros and is_n_of_m(w, axis) else ("unstructured" if zeros else "none")
+        out[init.name] = {"sparsity": round(zeros / w.size, 6), "pattern": pattern, "axis": axis,
+                          "zeros": zeros, "numel": int(w.size), "shape": list(w.shape)}
+    return out
+
+
+def global_sparsity(figures: dict[str, dict]) -> float:
+    total = sum(f["numel"] for f in figures.values())
+    return round(sum(f["zeros"] for f in figures.values()) / total, 6) if total else 0.0
+
+
+def sparsity_metadata(model: onnx.ModelProto, *, version: str, component: str, method: str, pattern: str,
+                      profile: str, source_sha256: str) -> dict[str, str]:
+    figures = tensor_figures(model)
+    tensors = {name: {"sparsity": f["sparsity"], "pattern": f["pattern"], "axis": f["axis"]}
+               for name, f in figures.items() if f["zeros"]}
+    return {
+        PREFIX + "version": version,
+        PREFIX + "component": component,
+        PREFIX + "method": method,
+        PREFIX + "pattern": pattern,
+        PREFIX + "sparsity": f"{global_sparsity(figures):.6f}",
+        PREFIX + "tensors": json.dumps(tensors, sort_keys=True, separators=(",", ":")),
+        PREFIX + "profile": profile,
+        PREFIX + "source_sha256": source_sha256,
+    }
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key in sorted(meta):
+        model.metadata_props.add(key=key, value=meta[key])
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def check_claims(model: onnx.ModelProto) -> list[str]:
+    """Every metadata claim recomputed from the weights; returns what does not hold."""
+    meta = read_metadata(model)
+    figures = tensor_figures(model)
+    problems = []
+    if PREFIX + "sparsity" not in meta:
+        return ["no tinyprune.sparsity metadata"]
+    claimed = float(meta[PREFIX + "sparsity"])
+    actual = global_sparsity(figures)
+    if abs(claimed - actual) > 1e-6:
+        problems.append(f"tinyprune.sparsity claims {claimed:.6f}, weights hold {actual:.6f}")
+    try:
+        tensors = json.loads(meta.get(PREFIX + "tensors", "{}"))
+    except json.JSONDecodeError:
+        return problems + ["tinyprune.tensors is not valid JSON"]
+    for name, claim in tensors.items():
+        f = figures.get(name)
+        if f is None:
+            problems.append(f"tinyprune.tensors names {name}, which is not a prunable initializer")
+            continue
+        if abs(claim["sparsity"] - f["sparsity"]) > 1e-6:
+            problems.append(f"{name}: claims sparsity {claim['sparsity']}, holds {f['sparsity']}")
+        if claim.get("axis") != f["axis"]:
+            problems.append(f"{name}: claims axis {claim.get('axis')}, TensorRT's axis is {f['axis']}")
+        if claim.get("pattern") == "2:4" and f["pattern"] != "2:4":
+            problems.append(f"{name}: claims 2:4 but is not 2:4 along axis {f['axis']}")
+    undeclared = [n for n, f in figures.items() if f["zeros"] and n not in tensors]
+    if undeclared:
+        problems.append(f"{len(undeclared)} sparse tensors missing from tinyprune.tensors, e.g. {undeclared[0]}")
+    pattern = meta.get(PREFIX + "pattern")
+    if pattern == "2:4" and not any(f["pattern"] == "2:4" for f in figures.values()):
+        problems.append("tinyprune.pattern is 2:4 but no tensor is 2:4")
+    return problems
