@@ -23,6 +23,15 @@ def initial_noise(seed: int, batch: int, channels: int, size: int) -> np.ndarray
 def sample(pipe: Pipeline, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS,
            guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
     """Images in [0, 1], shape [B, 3, H, W], for the given class labels."""
+    latents = sample_latents(pipe, labels, seed, steps, guidance)
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+@torch.inference_mode()
+def sample_latents(pipe: Pipeline, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS,
+                   guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
+    """The denoised, scaled latents (what the VAE decoder's ONNX input takes)."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     b = len(labels)
@@ -36,5 +45,4 @@ def sample(pipe: Pipeline, labels: list[int], seed: int = 0, steps: int = DEFAUL
         eps_u, eps_c = pipe.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (image / 2 + 0.5).clamp(0, 1)
+    return latents
