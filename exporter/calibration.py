@@ -98,3 +98,10 @@ def from_images(pipe: Pipeline, folder: str | Path, label: int | None = None, li
     with torch.no_grad():
         latents = torch.cat([pipe.vae.encode(x[i:i + 32]).latent_dist.mean for i in range(0, len(x), 32)])
     return CalibrationSet(latents * pipe.vae.config.scaling_factor, torch.tensor(labels), f"images:{folder.name}")
+
+
+def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,
+                        batch_size: int = 16) -> list[Batch]:
+    """The batches pruning reads: from an image folder when given, else data-free from the dense model."""
+    cal = from_images(pipe, folder) if folder is not None else from_samples(pipe, seed=seed)
+    return cal.batches(pipe, batch_size=batch_size, seed=seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "l1-grad")
 PATTERNS = ("unstructured", "2:4", "auto")
 SCOPES = ("global", "layer")
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "text_encoder")
@@ -199,6 +199,48 @@ def parse_sparsity(value: str | float) -> float:
     return s
 
 
+DEFAULT_RECOVERY_STEPS = 200  # l1-grad's recovery when --recovery-steps is not given; magnitude's is 0
+
+
+@dataclass(frozen=True)
+class L1GradSpec:
+    """Options of the l1-grad method ("Towards Tiny Diffusion") and of the recovery phase.
+
+    score = alpha * |w| / mean|w| + beta * G / mean G, where G is |dL/dw| of the denoising loss averaged
+    over calibration batches and both means run over all prunable weights of the UNet (global
+    normalisation): alpha = beta = 1 weighs magnitude and gradient equally on average, beta = 0 ranks
+    exactly as magnitude, alpha = 0 by gradient alone. Recovery: Adam (lr) on the denoising loss plus
+    l1 * sum|w| over the prunable weights, recovery_steps in all, split over `iterations` prune steps
+    (None: DEFAULT_RECOVERY_STEPS for l1-grad, 0 for magnitude).
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    l1: float = 1e-5
+    recovery_steps: int | None = None
+    iterations: int = 4
+    lr: float = 1e-4
+
+    @staticmethod
+    def parse(alpha=None, beta=None, l1=None, recovery_steps=None, iterations=None, lr=None) -> "L1GradSpec":
+        """CLI values (None = default) validated once."""
+        d = L1GradSpec()
+        vals = {"alpha": d.alpha if alpha is None else alpha, "beta": d.beta if beta is None else beta,
+                "l1": d.l1 if l1 is None else l1, "lr": d.lr if lr is None else lr}
+        for key, v in vals.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InputError(f"--{key} must be a finite number >= 0, got {v!r}")
+        if vals["alpha"] == 0 and vals["beta"] == 0:
+            raise InputError("--alpha and --beta are both 0: the l1-grad score would be all zeros")
+        if vals["lr"] == 0:
+            raise InputError("--lr must be > 0")
+        for key, v, lo in (("recovery-steps", recovery_steps, 0), ("iterations", iterations, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise InputError(f"--{key} must be an integer >= {lo}, got {v!r}")
+        return L1GradSpec(float(vals["alpha"]), float(vals["beta"]), float(vals["l1"]), recovery_steps,
+                          d.iterations if iterations is None else iterations, float(vals["lr"]))
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     method: str = "magnitude"
@@ -207,10 +249,24 @@ class PruneSpec:
     scope: str = "global"
     prune_vae: bool = False
     seed: int = 0
+    l1grad: L1GradSpec = L1GradSpec()
+    calibration: str | None = None  # image folder for calibration batches; None = data-free (dense samples)
+
+    @property
+    def recovery_steps(self) -> int:
+        if self.l1grad.recovery_steps is not None:
+            return self.l1grad.recovery_steps
+        return DEFAULT_RECOVERY_STEPS if self.method == "l1-grad" else 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether pruning reads calibration batches: gradients, 2:4 sensitivity or recovery."""
+        return self.method == "l1-grad" or self.pattern == "2:4" or self.recovery_steps > 0
 
     @staticmethod
     def resolve(method: str, sparsity, pattern: str, scope: str, prune_vae: bool, profile: DeviceProfile,
-                seed: int = 0) -> tuple["PruneSpec", list[str]]:
+                seed: int = 0, l1grad: L1GradSpec | None = None,
+                calibration: str | None = None) -> tuple["PruneSpec", list[str]]:
         """Validate the user's choices against the target; returns the spec and notices to show."""
         notices = []
         s = parse_sparsity(sparsity)
@@ -233,7 +289,9 @@ class PruneSpec:
                 f"pattern 2:4 needs sparse tensor cores (compute capability >= 8.0); target {profile.name} "
                 f"has none: use --pattern unstructured"
             )
-        return PruneSpec(method, s, pattern, scope, prune_vae, seed), notices
+        if calibration is not None and not Path(calibration).is_dir():
+            raise InputError(f"--calibration {calibration} is not a directory of images")
+        return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration), notices
 
 
 @dataclass(frozen=True)

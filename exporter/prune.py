@@ -6,42 +6,50 @@ import torch
 
 from .bake import apply_masks, plan_sparsity
 from .config import PruneSpec
+from . import two_four
 from .importance import SCORES
-from .masks import n_of_m, nm_eligible, prunable_weights, unstructured
+from .importance.l1_grad import gradient_magnitudes, l1_grad_scores, prune_l1_grad
+from .masks import prunable_weights, unstructured
 from .pipeline import Pipeline
+from .recovery import mean_loss, recover
+from .two_four import MIN_2TO4_CHANNELS  # noqa: F401  (re-exported: the threshold lived here first)
 
-# TensorRT rarely picks a sparse kernel for thin layers (its docs: sparsity pays for large GEMM-heavy
-# layers); below this many input channels we leave a layer dense and say why.
-MIN_2TO4_CHANNELS = 64
+def _two_four(model, weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], sparsity: float,
+              batches=None):
+    """2:4 on the eligible layers least sensitive to it (measured loss increase), until `sparsity`."""
+    return two_four.select(model, weights, scores, sparsity, batches)
 
 
-def _two_four(weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], sparsity: float):
-    """2:4 on the eligible layers that lose the least weight energy, until `sparsity` is reached.
-
-    Each chosen layer contributes exactly half its weights; the achieved sparsity is the largest
-    reachable value not above the request. Returns masks and the per-layer decision table.
-    """
-    total = sum(w.numel() for w in weights.values())
-    candidates, decisions = [], {}
-    for name, w in weights.items():
-        reason = nm_eligible(w)
-        if reason is None and w.shape[1] < MIN_2TO4_CHANNELS:
-            reason = f"{w.shape[1]} input channels < {MIN_2TO4_CHANNELS}: TensorRT would not pick a sparse kernel"
-        if reason:
-            decisions[name] = {"pattern": "none", "reason": reason}
-            continue
-        mask = n_of_m(scores[name])
-        lost = float((w.detach() * ~mask).pow(2).sum() / w.detach().pow(2).sum().clamp_min(1e-30))
-        candidates.append((lost, name, mask))
-    masks, budget = {}, round(sparsity * total)
-    for lost, name, mask in sorted(candidates, key=lambda c: (c[0], c[1])):
-        if weights[name].numel() // 2 <= budget:
-            masks[name] = mask
-            budget -= weights[name].numel() // 2
-            decisions[name] = {"pattern": "2:4", "energy_lost": round(lost, 6)}
-        else:
-            decisions[name] = {"pattern": "none", "reason": "target sparsity reached", "energy_lost": round(lost, 6)}
-    return masks, decisions
+def _masks(model, weights, spec: PruneSpec, batches, scheduler, log):
+    """Masks, per-layer decisions and a record for one component. `batches` is None where no denoising
+    loss applies (the VAE): l1-grad then falls back to magnitude and 2:4 to the data-free ranking."""
+    o = spec.l1grad
+    if spec.method == "l1-grad" and batches and spec.pattern == "unstructured":
+        masks, info = prune_l1_grad(model, batches, spec.sparsity, scheduler=scheduler, alpha=o.alpha, beta=o.beta,
+                                    l1=o.l1, recovery_steps=spec.recovery_steps, iterations=o.iterations, lr=o.lr,
+                                    scope=spec.scope, seed=spec.seed, log=log)
+        return masks, {}, {"l1_grad": info}
+    info = {}
+    if spec.method == "l1-grad" and batches:
+        scores = l1_grad_scores(weights, gradient_magnitudes(model, batches), o.alpha, o.beta)
+    elif spec.method == "l1-grad":
+        scores = SCORES["magnitude"](weights, batches)
+        info["scores"] = "magnitude (no denoising loss for this component)"
+    else:
+        scores = SCORES[spec.method](weights, batches)
+    if spec.pattern == "2:4":
+        masks, decisions = _two_four(model, weights, scores, spec.sparsity, batches)
+    else:
+        masks, decisions = unstructured(scores, spec.sparsity, spec.scope), {}
+    if batches and spec.recovery_steps:
+        apply_masks(model, masks)
+        loss_before = mean_loss(model, batches)
+        masks, rec = recover(model, masks, batches, spec.recovery_steps, scheduler=scheduler, lr=o.lr, l1=o.l1,
+                             seed=spec.seed)
+        info["recovery"] = dict(rec, loss_before=round(loss_before, 6), loss_after=round(mean_loss(model, batches), 6))
+        log(f"recovery: {spec.recovery_steps} steps, calibration loss {loss_before:.5f} -> "
+            f"{info['recovery']['loss_after']:.5f}")
+    return masks, decisions, info
 
 
 def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None) -> dict:
@@ -51,18 +59,21 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None) -
         models["vae"] = pipe.vae
     plan = {"method": spec.method, "pattern": spec.pattern, "scope": spec.scope, "requested": spec.sparsity,
             "components": {}}
+    if batches is None and spec.needs_calibration:
+        from .calibration import calibration_batches
+
+        batches = calibration_batches(pipe, spec.calibration, seed=spec.seed)
+        log(f"calibration: {sum(len(b.t) for b in batches)} latents in {len(batches)} batches "
+            f"({'images from ' + spec.calibration if spec.calibration else 'data-free: the dense model samples'})")
     for comp, model in models.items():
         weights = prunable_weights(model)
-        scores = SCORES[spec.method](weights, batches)
-        if spec.pattern == "2:4":
-            masks, decisions = _two_four(weights, scores, spec.sparsity)
-        else:
-            masks, decisions = unstructured(scores, spec.sparsity, spec.scope), {}
+        masks, decisions, info = _masks(model, weights, spec, batches if comp == "unet" else None,
+                                        pipe.scheduler, log)
         layers = apply_masks(model, masks)
         for name, w in weights.items():
             layers.setdefault(name, {"zeros": int((w == 0).sum()), "numel": w.numel()})
             layers[name].update(decisions.get(name, {}))
         achieved = plan_sparsity(layers)
         log(f"{comp}: {len(masks)} of {len(weights)} layers pruned, sparsity {achieved:.4f}")
-        plan["components"][comp] = {"sparsity": achieved, "layers": layers}
+        plan["components"][comp] = {"sparsity": achieved, "layers": layers, **info}
     return plan

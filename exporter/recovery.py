@@ -1,0 +1,77 @@
+"""Recovery: a short fine-tune of the pruned UNet on calibration batches, masks held after every step.
+
+loss = denoising MSE (the UNet's epsilon prediction against the noise that made x_t) + l1 * sum|w| over
+the prunable weights (the L1 objective of "Towards Tiny Diffusion"). Each step re-noises the batch's
+clean latents with fresh noise at fresh stratified timesteps, so a few dozen calibration latents serve a
+few hundred steps without replaying the same (x_t, t). Adam over every UNet parameter; after each step
+the masked weights are set back to exactly zero. An optional `on_step` hook sees the gradients before
+the step and may return new masks: that is how the l1-grad schedule lets pruned weights regrow.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import Batch
+from .masks import prunable_weights
+
+
+def denoising_loss(unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """MSE of the predicted epsilon against the true noise (the diffusion training loss)."""
+    pred = unet(batch.x_t, batch.t, encoder_hidden_states=batch.context).sample
+    return F.mse_loss(pred, batch.noise)
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches: list[Batch], forward=denoising_loss) -> float:
+    """The loss over fixed batches, weighted by batch size: the yardstick of sensitivity and recovery."""
+    total = sum(float(forward(model, b)) * len(b.t) for b in batches)
+    return total / sum(len(b.t) for b in batches)
+
+
+def renoise(batch: Batch, scheduler, g: torch.Generator) -> Batch:
+    """The same clean latents and contexts, new noise and new timesteps (one per stratum)."""
+    n_train = scheduler.config.num_train_timesteps
+    b = len(batch.x0)
+    edges = torch.linspace(0, n_train, b + 1)
+    t = (edges[:-1] + torch.rand(b, generator=g) * (edges[1:] - edges[:-1])).long().clamp_max(n_train - 1)
+    noise = torch.randn(batch.x0.shape, generator=g)
+    return Batch(scheduler.add_noise(batch.x0, noise, t), t, batch.context, noise, batch.x0)
+
+
+def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: list[Batch], steps: int, *,
+            scheduler, lr: float = 1e-4, l1: float = 0.0, forward=denoising_loss, seed: int = 0,
+            on_step=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fine-tune `model` in place for `steps` Adam steps; returns the (possibly regrown) masks and a log."""
+    weights = prunable_weights(model)
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        for step in range(steps):
+            batch = renoise(batches[step % len(batches)], scheduler, g)
+            loss = forward(model, batch)
+            total = loss + l1 * sum(w.abs().sum() for w in weights.values()) if l1 else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if on_step is not None:
+                masks = on_step(step, weights) or masks
+            opt.step()
+            with torch.no_grad():
+                for name, m in masks.items():
+                    weights[name].mul_(m.to(weights[name].dtype))
+            losses.append(float(loss.detach()))
+    finally:
+        for p, r in zip(params, was):
+            p.requires_grad_(r)
+            p.grad = None
+    head, tail = losses[: max(1, steps // 10)], losses[-max(1, steps // 10):]
+    log = {"steps": steps, "lr": lr, "l1": l1,
+           "train_loss_first": round(sum(head) / len(head), 6) if losses else None,
+           "train_loss_last": round(sum(tail) / len(tail), 6) if losses else None}
+    return masks, log
