@@ -44,6 +44,9 @@ class DeviceProfile:
     max_fd_ratio: float
     min_accuracy: float
     latency_budget_ms: dict[str, float]
+    # torch-free runtime (numpy schedulers + ONNX) against the PyTorch pipeline, same seed and noise; optional
+    # [gates] field. fp32 onnxruntime lands far above it; the margin is for fp16 engines.
+    min_runtime_psnr_db: float = 30.0
     aliases: tuple[str, ...] = ()
     jetpack: str = ""
     source: str = field(default="", compare=False)
@@ -184,6 +187,7 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
         max_fd_ratio=float(_get(gates, "max_fd_ratio", number, f"{where} [gates]")),
         min_accuracy=float(_get(gates, "min_accuracy", number, f"{where} [gates]")),
         latency_budget_ms={k: float(v) for k, v in latency.items()},
+        min_runtime_psnr_db=float(_get(gates, "min_runtime_psnr_db", number, f"{where} [gates]", 30.0)),
         aliases=tuple(aliases),
         source=where,
     )
