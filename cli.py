@@ -240,6 +240,84 @@ def build(
     run(do_build, bundle, target, require_engine, dla, as_json=as_json, show=show)
 
 
+@app.command()
+def generate(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    labels: list[int] = typer.Option(..., "--class", "-c", help="class label; repeat for several images"),
+    steps: int = typer.Option(20, "--steps", help="denoising steps"),
+    seed: int = typer.Option(0, "--seed", help="initial-noise seed (numpy); same seed, same image"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler (default: the bundle's scheduler config)"),
+    guidance: float = typer.Option(3.0, "--guidance", help="classifier-free guidance scale"),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt"),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)"),
+    out_dir: Path = typer.Option(Path("images"), "--out", "-o", help="directory for the PNGs"),
+    as_json: bool = JsonOpt,
+):
+    """Torch-free generation from the bundle (numpy scheduler + onnxruntime/TensorRT) -> PNGs."""
+    from exporter.runtime import generate_to_dir
+
+    def run_with_progress():
+        if err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err, transient=True) as bar:
+                task = bar.add_task("steps", total=None)
+                return generate_to_dir(bundle, labels, out_dir, steps, seed, scheduler, guidance, backend, threads,
+                                       lambda done, total: bar.update(task, completed=done, total=total))
+        return generate_to_dir(bundle, labels, out_dir, steps, seed, scheduler, guidance, backend, threads,
+                               lambda done, total: log(f"step {done}/{total}"))
+
+    run(run_with_progress, as_json=as_json,
+        show=lambda r: out.print(f"{len(r['files'])} image(s) {r['image_size'][0]}x{r['image_size'][1]} in "
+                                 f"{r['out']} ({r['scheduler']}, {r['steps']} steps, {r['backend']}; "
+                                 f"{r['seconds']['per_step'] * 1000:.1f} ms/step)"))
+
+
+def show_bench(r: dict) -> None:
+    compare = len(r["models"]) > 1
+    t = Table(title=f"bench {r['bundle']} on {r['backend']} ({r['machine']['cpu']}, {r['machine']['cores']} cores; "
+                    f"{r['warmup']} warm-up, {r['iters']} iterations, generation {r['gen_iters']} x {r['steps']} steps)")
+    for col in ("model", "what", "shape", "p50 ms", "p90 ms", "mean ms", "peak RSS MB") + (("CUDA MB",) if r["backend"] == "torch-cuda" else ()) + (("speed-up p50",) if compare else ()):
+        t.add_column(col, justify="left" if col in ("model", "what", "shape") else "right")
+    for row in r["rows"]:
+        cells = [row["model"], row["what"], row["shape"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
+                 f"{row['mean_ms']:.3f}", "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.1f}"]
+        if r["backend"] == "torch-cuda":
+            cells.append("-" if row["cuda_peak_mb"] is None else f"{row['cuda_peak_mb']:.1f}")
+        if compare:
+            s = r["speedup_p50"].get(row["what"]) if row["model"] == "pruned" else None
+            cells.append(f"{s:.2f}x" if s else "")
+        t.add_row(*cells)
+    out.print(t)
+    for key, b in r["budgets"].items():
+        out.print(f"budget {key} ({r['profile']}): p50 {b['p50_ms']:.3g} ms <= {b['budget_ms']:.3g} ms: "
+                  f"{'ok' if b['ok'] else 'OVER'}")
+
+
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt | torch | torch-cuda"),
+    warmup: int = typer.Option(3, "--warmup", help="untimed calls before timing"),
+    iters: int = typer.Option(20, "--iters", "-n", help="timed calls per component"),
+    gen_iters: int = typer.Option(3, "--gen-iters", help="timed whole generations"),
+    steps: int = typer.Option(20, "--steps", help="denoising steps of the whole-generation figure"),
+    threads: int = typer.Option(0, "--threads", help="intra-op threads (0: the backend's default)"),
+    compare: bool = typer.Option(False, "--compare", help="dense and pruned side by side, iterations interleaved"),
+    dense: Optional[Path] = typer.Option(None, "--dense", help="dense bundle for --compare (default: export the source pipeline's dense components to a temp dir)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="profile whose latency budgets apply (default: the bundle's)"),
+    no_generation: bool = typer.Option(False, "--no-generation", help="components only"),
+    as_json: bool = JsonOpt,
+):
+    """Latency p50/p90/mean and peak memory per component and per generation; exit 1 over the profile's budgets."""
+    from exporter.bench import bench as do_bench
+
+    run(do_bench, bundle, backend, warmup, iters, gen_iters, steps, threads, compare, dense,
+        str(model) if model else None, target, not no_generation, log=log, as_json=as_json, show=show_bench)
+
+
 def main():
     try:
         app()
