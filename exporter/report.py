@@ -38,5 +38,14 @@ def write_report(root: Path, report: dict) -> None:
     lines += ["", "## Dense vs pruned final images (same seeds and initial noise)", "",
               f"PSNR {_fmt(img['psnr_db'])} dB (gate >= {img['min_psnr_db']} dB), max abs {img['max_abs']:.3g}: "
               f"{'ok' if img['ok'] else 'FAILED'}"]
+    if report.get("runtime_drift"):
+        lines += ["", "## Torch-free runtime vs PyTorch (same seed, labels and initial noise; `python -m exporter.runtime`)",
+                  "", "| check | PSNR dB | max abs | gate | ok |", "|---|---|---|---|---|"]
+        for d in report["runtime_drift"]:
+            if d.get("skipped"):
+                lines += [f"| {d['name']} | skipped | - | >= {d['min_psnr_db']} dB | - |"]
+            else:
+                lines += [f"| {d['name']} | {_fmt(d['psnr_db'])} | {d['max_abs']:.3g} | >= {d['min_psnr_db']} dB | "
+                          f"{'yes' if d['ok'] else 'NO'} |"]
     lines += ["", f"**Result: {'all gates passed' if report['ok'] else 'a gate FAILED'}**", ""]
     (root / "report" / "report.md").write_text("\n".join(lines))
