@@ -9,8 +9,9 @@ from .onnx_sparsity import check_claims, global_sparsity, read_metadata, tensor_
 
 
 def inspect_file(path: Path) -> dict:
-    model = load_onnx(path)
-    figures = tensor_figures(model)
+    model = load_onnx(path, load_data=False)  # tensors are read one at a time from the .data file
+    base_dir = str(Path(path).parent)
+    figures = tensor_figures(model, base_dir)
     return {
         "file": str(path),
         "sparsity": global_sparsity(figures),
@@ -18,5 +19,5 @@ def inspect_file(path: Path) -> dict:
         "tensors_2to4": sum(f["pattern"] == "2:4" for f in figures.values()),
         "tensors": figures,
         "metadata": {k: v for k, v in read_metadata(model).items()},
-        "problems": check_claims(model) if "tinyprune.sparsity" in read_metadata(model) else [],
+        "problems": check_claims(model, base_dir) if "tinyprune.sparsity" in read_metadata(model) else [],
     }

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import external_data_helper
 
 from .components import ComponentSpec
 from .config import ExportSpec
@@ -46,23 +47,84 @@ def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path
             dynamic_axes=comp.dynamic_axes(spec), opset_version=spec.opset, do_constant_folding=True,
             dynamo=False,
         )
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # past 2 GB torch wrote one file per tensor
     model.producer_name, model.producer_version = "tinyprune", meta["version"]
-    stamped = sparsity_metadata(model, component=comp.name, **meta)
+    stamped = sparsity_metadata(model, component=comp.name, **meta, base_dir=str(path.parent))
     set_metadata(model, stamped)
-    size = sum(len(i.raw_data) for i in model.graph.initializer)
-    external = size > spec.external_data_threshold
-    for leftover in path.parent.iterdir():  # the exporter's own external files, replaced below
-        if leftover != path:
-            leftover.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    onnx.checker.check_model(str(path) if external else model)
+    external = _data_size(model, path.parent) > spec.external_data_threshold
+    _write_model(model, path, external)
+    onnx.checker.check_model(str(path))
     return stamped
 
 
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load with external data, refusing data locations that escape the model's directory."""
+# Tensors at least this big go to the .data file (onnx's own default size_threshold) at offsets aligned
+# to ALIGN, so that onnxruntime can memory-map them.
+SIZE_THRESHOLD = 1024
+ALIGN = 4096
+
+
+def _data_size(model: onnx.ModelProto, base_dir: Path) -> int:
+    size = 0
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            size += int(info.get("length") or (base_dir / info["location"]).stat().st_size)
+        else:
+            size += len(init.raw_data)
+    return size
+
+
+def _write_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write `model` to `path`, tensors inline or in one `path.data` file, streaming one tensor at a time.
+
+    torch.onnx.export (TorchScript) writes a file per tensor beside the model past 2 GB; onnx.load +
+    onnx.save_model would then hold every tensor in memory at once, beside the PyTorch weights. Here each
+    tensor is read from wherever the exporter put it, appended to the .data file (or inlined), and the
+    exporter's own files are removed afterwards. The result is deterministic: tensors in graph order.
+    """
+    root = path.parent
+    data_name = path.name + ".data"
+    leftovers = {p for p in root.iterdir() if p != path}
+    out = open(root / (data_name + ".partial"), "wb") if external else None
+    try:
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                raw = external_data_helper._read_external_data_bytes(init, str(root))
+            elif init.HasField("raw_data"):
+                raw = None
+            else:  # typed fields (float_data, ...): small constants; leave them as they are
+                continue
+            if external and len(raw if raw is not None else init.raw_data) >= SIZE_THRESHOLD:
+                data = raw if raw is not None else init.raw_data
+                out.write(b"\0" * (-out.tell() % ALIGN))
+                offset = out.tell()
+                out.write(data)
+                init.ClearField("raw_data")
+                del init.external_data[:]
+                init.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                    init.external_data.add(key=key, value=value)
+            elif raw is not None:
+                init.raw_data = raw
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
+            del raw
+    finally:
+        if out is not None:
+            out.close()
+    for leftover in leftovers:  # the exporter's per-tensor files, or a stale .data of an earlier run
+        leftover.unlink()
+    if external:
+        os.replace(root / (data_name + ".partial"), root / data_name)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def load_onnx(path: str | Path, load_data: bool = True) -> onnx.ModelProto:
+    """Load with external data, refusing data locations that escape the model's directory.
+
+    load_data=False checks the locations but leaves the tensors on disk: pass the model's directory as
+    base_dir to onnx_sparsity's functions, which then read them one at a time."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist or is not a file")
@@ -80,5 +142,6 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
             raise InputError(f"{path}: external data location '{location}' escapes the model directory; refused")
         if not target.is_file():
             raise InputError(f"{path}: external data file '{location}' is missing")
-    onnx.load_external_data_for_model(model, str(root))
+    if load_data:
+        onnx.load_external_data_for_model(model, str(root))
     return model

@@ -40,14 +40,17 @@ def is_n_of_m(w: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
     return bool(((groups == 0).sum(axis=1) >= m - n).all())
 
 
-def tensor_figures(model: onnx.ModelProto) -> dict[str, dict]:
-    """Per prunable initializer: sparsity, pattern actually present, axis, zeros, size."""
+def tensor_figures(model: onnx.ModelProto, base_dir: str = "") -> dict[str, dict]:
+    """Per prunable initializer: sparsity, pattern actually present, axis, zeros, size.
+
+    Tensors stored as external data are read from `base_dir` one at a time, so a model loaded with
+    load_external_data=False is never held whole in memory (3.4 GB for a Stable Diffusion UNet)."""
     axes = _weight_axes(model.graph)
     out = {}
     for init in model.graph.initializer:
         if init.name not in axes:
             continue
-        w = numpy_helper.to_array(init)
+        w = numpy_helper.to_array(init, base_dir=str(base_dir))
         zeros = int((w == 0).sum())
         axis = axes[init.name]
         pattern = "2:4" if zeros and is_n_of_m(w, axis) else ("unstructured" if zeros else "none")
@@ -62,8 +65,8 @@ def global_sparsity(figures: dict[str, dict]) -> float:
 
 
 def sparsity_metadata(model: onnx.ModelProto, *, version: str, component: str, method: str, pattern: str,
-                      profile: str, source_sha256: str) -> dict[str, str]:
-    figures = tensor_figures(model)
+                      profile: str, source_sha256: str, base_dir: str = "") -> dict[str, str]:
+    figures = tensor_figures(model, base_dir)
     tensors = {name: {"sparsity": f["sparsity"], "pattern": f["pattern"], "axis": f["axis"]}
                for name, f in figures.items() if f["zeros"]}
     return {
@@ -90,10 +93,10 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def check_claims(model: onnx.ModelProto) -> list[str]:
+def check_claims(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
     """Every metadata claim recomputed from the weights; returns what does not hold."""
     meta = read_metadata(model)
-    figures = tensor_figures(model)
+    figures = tensor_figures(model, base_dir)
     problems = []
     if PREFIX + "sparsity" not in meta:
         return ["no tinyprune.sparsity metadata"]

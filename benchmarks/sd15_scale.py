@@ -1,0 +1,254 @@
+"""Stable-Diffusion-1.5-sized pipeline through tinyprune, with peak RSS and time per stage, beside optimum.
+
+    .venv/bin/python benchmarks/sd15_scale.py [--work /tmp/sd15] [--optimum-python /tmp/optimum-venv/bin/python]
+
+What runs (each in its own subprocess, one after the other):
+  make        a UNet2DConditionModel with SD 1.5's configuration and an AutoencoderKL with SD's VAE
+              configuration, random weights made here (no download), a ClassEmbedder(embed_dim=768,
+              seq_len=77) standing in for the text encoder, saved as a pipeline dir (save_pipeline)
+  export      `tinyprune export --sparsity 0.43` (magnitude, unstructured) with benchmarks/sd15_profile.toml:
+              load, dense reference images, prune in place, pruned images, save, ONNX export of UNet
+              (external data) and VAE encoder/decoder, PyTorch references, onnxruntime drift, bundle
+  2:4         the same UNet, magnitude 2:4 through exporter.prune with the data-free layer ranking
+              (batches=[]: see the note printed at the end), save, ONNX export of the UNet
+  verify      `tinyprune verify` of the export's bundle (checksums + every metadata claim, streamed)
+  optimum     the same dense UNet through optimum's ONNX exporter (optimum.exporters.onnx.export with
+              its UNetOnnxConfig), in its own venv (optimum-onnx pins transformers<4.58)
+
+How memory is measured, per stage: the kernel's peak RSS of the process (VmHWM from /proc/self/status),
+reset at the start of each stage by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and read at its end;
+per subprocess: ru_maxrss from wait4. RSS counts resident file-backed pages too (mmapped weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROFILE = HERE / "sd15_profile.toml"
+GOAL = 1.5  # peak RSS at most 1.5x the fp32 UNet weights
+
+UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values typed out here
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+VAE_CONFIG = dict(  # its vae/config.json
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+
+
+# ---------------------------------------------------------------- helpers that run inside the subprocesses
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+class _Stages:
+    def __init__(self):
+        self.seconds, self.peak_rss_mb = {}, {}
+
+    def __call__(self, name):
+        stages = self
+
+        class _S:
+            def __enter__(self):
+                _reset_hwm()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.seconds[name] = round(time.perf_counter() - self.t0, 2)
+                stages.peak_rss_mb[name] = _hwm_mb()
+                print(f"  {name}: {stages.seconds[name]:.1f} s, peak RSS {stages.peak_rss_mb[name] / 1024:.2f} GB",
+                      file=sys.stderr, flush=True)
+
+        return _S()
+
+
+def cmd_make(pipe_dir: str) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT))
+    from exporter.pipeline import INDEX, ClassEmbedder, Pipeline, save_pipeline
+
+    st = _Stages()
+    with st("build random SD-1.5 UNet + VAE"):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        vae = AutoencoderKL(**VAE_CONFIG)
+        cond = ClassEmbedder(num_classes=10, embed_dim=768, seq_len=77)
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = Pipeline(unet, vae, sched, cond, dict(INDEX)).eval()
+    with st("save_pipeline"):
+        save_pipeline(pipe, Path(pipe_dir))
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_vae = sum(p.numel() for p in vae.parameters())
+    return {"unet_params": n_unet, "vae_params": n_vae, "unet_fp32_bytes": 4 * n_unet, "vae_fp32_bytes": 4 * n_vae,
+            "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+
+
+def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from exporter import __version__
+    from exporter.components import UNET, export_spec
+    from exporter.config import PruneSpec, load_profile
+    from exporter.onnx_export import MAX_EXPORT_OPSET, export_component
+    from exporter.pipeline import load_pipeline, save_pipeline
+    from exporter.prune import prune
+
+    st = _Stages()
+    profile = load_profile(str(PROFILE))
+    spec, _ = PruneSpec.resolve("magnitude", 0.43, "2:4", "global", False, profile)
+    out = Path(out_dir)
+    with st("load"):
+        pipe = load_pipeline(pipe_dir)
+    with st("prune 2:4 (data-free ranking)"):
+        plan = prune(pipe, spec, batches=[])
+    with st("save pruned pipeline"):
+        save_pipeline(pipe, out / "pruned")
+    xspec = export_spec(pipe, profile, MAX_EXPORT_OPSET)
+    meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
+            "source_sha256": "benchmark"}
+    with st("export unet"):
+        stamped = export_component(pipe, UNET, xspec, out / "unet" / "model.onnx", meta)
+    tensors = json.loads(stamped["tinyprune.tensors"])
+    return {"sparsity": plan["components"]["unet"]["sparsity"],
+            "tensors_2to4": sum(t["pattern"] == "2:4" for t in tensors.values()),
+            "onnx_sparsity": float(stamped["tinyprune.sparsity"]),
+            "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+
+
+def cmd_optimum(pipe_dir: str, out_dir: str) -> dict:
+    """Runs in the optimum venv: optimum's own exporter on the bare UNet (see main() for why not main_export)."""
+    import optimum
+    import torch
+    from diffusers import UNet2DConditionModel
+    from optimum.exporters.onnx import export
+    from optimum.exporters.tasks import TasksManager
+
+    st = _Stages()
+    with st("load unet"):
+        unet = UNet2DConditionModel.from_pretrained(Path(pipe_dir) / "unet", use_safetensors=True).eval()
+    ctor = TasksManager.get_exporter_config_constructor(model=unet, exporter="onnx", task="semantic-segmentation",
+                                                        model_type="unet", library_name="diffusers")
+    config = ctor(unet.config, int_dtype="int64", float_dtype="fp32")
+    out = Path(out_dir) / "unet" / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with st("export unet (optimum)"), torch.no_grad():
+        export(model=unet, config=config, output=out, opset=17)
+    from importlib.metadata import version
+
+    files = {p.name: p.stat().st_size for p in out.parent.iterdir()}
+    return {"optimum_onnx": version("optimum-onnx"), "optimum": version("optimum"), "torch": torch.__version__,
+            "files": len(files), "bytes": sum(files.values()), "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+
+
+# ---------------------------------------------------------------- the driver
+def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
+    """Run one stage in a subprocess; its JSON result on the last stdout line, its ru_maxrss from wait4."""
+    print(f"[{name}] {' '.join(argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=ROOT, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    entry = {"argv": argv, "exit_code": code, "wall_s": round(wall, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    try:
+        entry["result"] = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else None
+    except json.JSONDecodeError:
+        entry["result"] = None
+        entry["stdout_tail"] = stdout[-2000:]
+    results[name] = entry
+    print(f"[{name}] exit {code}, {wall:.0f} s, max RSS {entry['max_rss_mb'] / 1024:.2f} GB", file=sys.stderr, flush=True)
+    return entry
+
+
+def _table(results: dict) -> str:
+    weights = results["make"]["result"]["unet_fp32_bytes"] / 1024**2
+    goal = GOAL * weights
+    lines = [f"fp32 UNet weights {weights / 1024:.2f} GB ({results['make']['result']['unet_params'] / 1e6:.1f} M params), "
+             f"VAE {results['make']['result']['vae_fp32_bytes'] / 1024**3:.2f} GB; goal: peak RSS <= {GOAL}x UNet "
+             f"weights = {goal / 1024:.2f} GB", "",
+             "| run | stage | seconds | peak RSS GB | x UNet weights | within goal |", "|---|---|---|---|---|---|"]
+    for run, entry in results.items():
+        if not isinstance(entry, dict) or "max_rss_mb" not in entry:
+            continue
+        res = entry.get("result") or {}
+        for stage, secs in (res.get("seconds") or res.get("timings") or {}).items():
+            peak = (res.get("peak_rss_mb") or {}).get(stage)
+            if peak is None:
+                continue
+            lines.append(f"| {run} | {stage} | {secs:.1f} | {peak / 1024:.2f} | {peak / weights:.2f} | "
+                         f"{'yes' if peak <= goal else 'NO'} |")
+        lines.append(f"| {run} | **whole process** (ru_maxrss), exit {entry['exit_code']} | {entry['wall_s']:.1f} | "
+                     f"{entry['max_rss_mb'] / 1024:.2f} | {entry['max_rss_mb'] / weights:.2f} | "
+                     f"{'yes' if entry['max_rss_mb'] <= goal else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/sd15", help="work dir (needs ~25 GB of disk)")
+    ap.add_argument("--optimum-python", default="/tmp/optimum-venv/bin/python",
+                    help="python of a venv with optimum-onnx + diffusers ('' skips optimum)")
+    ap.add_argument("--only", default="make,export,two_four,verify,optimum", help="comma-separated runs")
+    ap.add_argument("--results", default=str(HERE / "results" / "sd15_scale.json"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    py = sys.executable
+    pipe = work / "sd15"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
+    if "make" in only:
+        _run("make", [py, __file__, "_make", str(pipe)], results, env)
+    if "export" in only:
+        _run("export", [py, "-m", "cli", "export", "--model", str(pipe), "--sparsity", "0.43", "--target", str(PROFILE),
+                        "--image-checks", "1", "--image-steps", "2", "--out", str(work / "bundle-magnitude"),
+                        "--force", "--json"], results, env)
+    if "two_four" in only:
+        _run("two_four", [py, __file__, "_two_four", str(pipe), str(work / "bundle-2to4")], results, env)
+    if "verify" in only:
+        _run("verify", [py, "-m", "cli", "verify", str(work / "bundle-magnitude"), "--json"], results, env)
+    if "optimum" in only and args.optimum_python:
+        _run("optimum", [args.optimum_python, __file__, "_optimum", str(pipe), str(work / "optimum")], results, env)
+    results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
+                          "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    if "make" in results:
+        table = _table(results)
+        print(table)
+        results_path.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        fn = {"_make": cmd_make, "_two_four": cmd_two_four, "_optimum": cmd_optimum}[sys.argv[1]]
+        print(json.dumps(fn(*sys.argv[2:])))
+        sys.exit(0)
+    sys.exit(main())
