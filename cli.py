@@ -81,6 +81,12 @@ def show_export(r: dict) -> None:
         t.add_row(d["name"], f"max abs {d['max_abs']:.3g}", f"<= {d['tolerance']:.3g}", "yes" if d["ok"] else "NO")
     img = r["image_drift"]
     t.add_row(img["name"], f"PSNR {_num(img['psnr_db'])} dB", f">= {img['min_psnr_db']} dB", "yes" if img["ok"] else "NO")
+    for d in r.get("runtime_drift", []):
+        if d.get("skipped"):
+            t.add_row(d["name"], "skipped (--image-checks 0)", f">= {d['min_psnr_db']} dB", "-")
+        else:
+            t.add_row(d["name"], f"PSNR {_num(d['psnr_db'])} dB, max abs {d['max_abs']:.2g}",
+                      f">= {d['min_psnr_db']} dB", "yes" if d["ok"] else "NO")
     out.print(t)
     out.print(f"speed-up source: {r['speedup_source']}")
 
