@@ -115,16 +115,54 @@ def write_runtime_dir(pipe, root: Path) -> Path:
     return rt
 
 
-def e2e_labels(pipe) -> list[int]:
-    return list(range(min(E2E_LABELS, pipe.conditioner.config.num_classes)))
+def prepare_runtime(pipe, root: Path, image_checks: int | None = None, steps: int | None = None):
+    """Export time, while the PyTorch pipeline is still loaded: write root/runtime/ and return the PyTorch
+    images the runtime is checked against later (runtime_check), or None when image checks are off (0)."""
+    write_runtime_dir(pipe, root)
+    return None if image_checks == 0 else torch_e2e_reference(pipe, steps, image_checks)
 
 
-def torch_e2e_reference(pipe, steps: int | None = None) -> np.ndarray:
+def runtime_check(bundle_dir: Path, ref, profile, what: str, steps: int | None = None) -> dict:
+    """The report entry: runtime_drift(...).to_dict(), or a skipped entry (no gate) when ref is None or the
+    bundle has no runtime/ (made by a tinyprune before the runtime existed)."""
+    reason = None
+    if ref is None:
+        reason = "--image-checks 0"
+    elif not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
+        reason = "no runtime/ in this bundle: re-export it"
+    if reason:
+        return {"name": f"image runtime (ort-cpu) vs PyTorch, {what}", "psnr_db": "skipped", "max_abs": None,
+                "min_psnr_db": profile.min_runtime_psnr_db, "ok": True, "skipped": True, "reason": reason}
+    return runtime_drift(bundle_dir, ref, profile, what, steps).to_dict()
+
+
+def check_dense_bundle(dense: str | Path, manifest: dict) -> Path:
+    """validate --dense: a bundle of the same source pipeline exported with sparsity 0."""
+    from .bundle import read_manifest
+    from .errors import InputError
+
+    dense = Path(dense)
+    dm = read_manifest(dense)
+    if dm.get("source", {}).get("sha256") != manifest["source"]["sha256"]:
+        raise InputError(f"--dense {dense} was not made from the same source pipeline as the bundle")
+    if dm.get("sparsity") not in (0, 0.0):
+        raise InputError(f"--dense {dense} is not a dense bundle (sparsity {dm.get('sparsity')}); export one with "
+                         "--sparsity 0")
+    return dense
+
+
+def e2e_labels(pipe, n: int | None = None) -> list[int]:
+    """The first min(n, E2E_LABELS) class labels (n: the export's --image-checks)."""
+    n = E2E_LABELS if n is None else min(n, E2E_LABELS)
+    return list(range(min(n, pipe.conditioner.config.num_classes)))
+
+
+def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None) -> np.ndarray:
     """The PyTorch pipeline's images for the runtime check (exporter.sampling.sample, DDIM, seed IMAGE_SEED)."""
     from .sampling import DEFAULT_STEPS, sample
     from .validate import IMAGE_SEED
 
-    return sample(pipe, e2e_labels(pipe), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy()
+    return sample(pipe, e2e_labels(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy()
 
 
 def runtime_drift(bundle_dir: Path, ref: np.ndarray, profile, what: str, steps: int | None = None,
