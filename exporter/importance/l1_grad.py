@@ -14,6 +14,8 @@ ending exactly at s; after each step an L1-regularised recovery runs with the ma
 optimizer step, and before every step the masks are recomputed from the current weights and a running
 mean of the gradient magnitudes at the same s_k: a pruned weight (w = 0) whose gradient term climbs back
 above the threshold returns (regrowth) and the lowest kept one leaves, so the count stays exact.
+A returning weight gets back the value it had when it was pruned (a zero would make it a kept weight
+that is still zero, and the count would no longer be exact); recovery then trains it from there.
 """
 
 from __future__ import annotations
@@ -86,8 +88,19 @@ def ramp(sparsity: float, k: int, iterations: int) -> float:
     return sparsity if k >= iterations else sparsity * (1.0 - (1.0 - k / iterations) ** 3)
 
 
-def _regrown(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> int:
-    return sum(int((new[n] & ~old[n]).sum()) for n in new)
+@torch.no_grad()
+def _remask(weights, new, old, saved) -> int:
+    """Switch the weights from masks `old` to `new`: live weights refresh `saved`, returning ones get
+    their saved value back, leaving ones become zero. Returns how many returned."""
+    back = 0
+    for n, w in weights.items():
+        if old is not None:
+            saved[n].copy_(torch.where(old[n], w, saved[n]))
+            returning = new[n] & ~old[n]
+            back += int(returning.sum())
+            w.copy_(torch.where(returning, saved[n], w))
+        w.mul_(new[n].to(w.dtype))
+    return back
 
 
 def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler, alpha: float = 1.0,
@@ -100,6 +113,7 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
     loss_dense = mean_loss(model, batches, forward)
     grads = gradient_magnitudes(model, batches, forward)
     scale = norms(weights, grads)
+    saved = {n: w.detach().clone() for n, w in weights.items()}  # the value each weight had when pruned
     masks, regrown, steps_log = None, 0, []
     per_iter = [recovery_steps // iterations + (1 if k < recovery_steps % iterations else 0)
                 for k in range(iterations)]
@@ -108,9 +122,8 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
         if k > 1:
             grads = gradient_magnitudes(model, batches, forward)  # of the pruned, recovered model
         new = unstructured(l1_grad_scores(weights, grads, alpha, beta, scale), s_k, scope)
-        back = _regrown(new, masks) if masks else 0
+        back = _remask(weights, new, masks, saved)
         masks = new
-        apply_masks(model, masks)
         entry = {"iteration": k, "sparsity": round(s_k, 6), "regrown_at_prune": back,
                  "loss_after_prune": round(mean_loss(model, batches, forward), 6)}
         steps = per_iter[k - 1]
@@ -124,7 +137,7 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
                     if w.grad is not None:
                         ema[n].mul_(GRAD_EMA).add_(w.grad.abs(), alpha=1 - GRAD_EMA)
                 new = unstructured(l1_grad_scores(ws, ema, alpha, beta, scale), s_k, scope)
-                count[0] += _regrown(new, masks)
+                count[0] += _remask(ws, new, masks, saved)
                 masks = new
                 return new
 
