@@ -27,10 +27,24 @@ state = {"debug": False}
 ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)")
 TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path")
 SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunable weights set to zero, in [0, 1)")
-MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude")
+MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, iterative with L1 recovery)")
 PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores)")
 ScopeOpt = typer.Option("global", "--scope", help="global (one threshold over all layers) | layer (same sparsity per layer)")
 JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout")
+AlphaOpt = typer.Option(None, "--alpha", help="l1-grad: weight of the |w| term (default 1.0; terms normalised to mean 1)")
+BetaOpt = typer.Option(None, "--beta", help="l1-grad: weight of the |dL/dw| term (default 1.0; 0 = magnitude ranking)")
+L1Opt = typer.Option(None, "--l1", help="recovery: lambda of the lambda*sum|w| penalty (default 1e-5)")
+RecoveryOpt = typer.Option(None, "--recovery-steps", help="Adam steps on calibration batches after pruning, masks "
+                           "held (default 200 for l1-grad, 0 for magnitude)")
+IterationsOpt = typer.Option(None, "--iterations", help="l1-grad: prune steps towards the target, with regrowth "
+                             "between them (default 4)")
+CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for calibration batches (default: "
+                              "data-free, the dense model's own samples)")
+
+
+def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration) -> dict:
+    return {"alpha": alpha, "beta": beta, "l1": l1, "recovery_steps": recovery_steps, "iterations": iterations,
+            "calibration": str(calibration) if calibration else None}
 
 
 def log(msg: str) -> None:
@@ -108,13 +122,20 @@ def export(
     out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="bundle directory to write"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile"),
+    alpha: Optional[float] = AlphaOpt,
+    beta: Optional[float] = BetaOpt,
+    l1: Optional[float] = L1Opt,
+    recovery_steps: Optional[int] = RecoveryOpt,
+    iterations: Optional[int] = IterationsOpt,
+    calibration: Optional[Path] = CalibrationOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
     from exporter.export import export as do_export
 
     run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, min_psnr, log=log, as_json=as_json, show=show_export)
+        force, min_psnr, log=log, as_json=as_json, show=show_export,
+        tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration))
 
 
 @app.command()
@@ -128,13 +149,19 @@ def prune(
     prune_vae: bool = typer.Option(False, "--prune-vae", help="prune the VAE too"),
     out_dir: Path = typer.Option(Path("pruned"), "--out", "-o", help="pipeline directory to write"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    alpha: Optional[float] = AlphaOpt,
+    beta: Optional[float] = BetaOpt,
+    l1: Optional[float] = L1Opt,
+    recovery_steps: Optional[int] = RecoveryOpt,
+    iterations: Optional[int] = IterationsOpt,
+    calibration: Optional[Path] = CalibrationOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
     from exporter.export import prune_to_dir
 
     run(prune_to_dir, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, log=log, as_json=as_json,
+        force, log=log, as_json=as_json, tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
         show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
                                  + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
 

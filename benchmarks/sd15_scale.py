@@ -71,13 +71,18 @@ class _Stages:
 
         class _S:
             def __enter__(self):
+                import ctypes
+                import gc
+
+                gc.collect()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, as exporter.export's stages do
                 _reset_hwm()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
                 stages.seconds[name] = round(time.perf_counter() - self.t0, 2)
                 stages.peak_rss_mb[name] = _hwm_mb()
-                print(f"  {name}: {stages.seconds[name]:.1f} s, peak RSS {stages.peak_rss_mb[name] / 1024:.2f} GB",
+                print(f"  {name}: {stages.seconds[name]:.1f} s, peak RSS {stages.peak_rss_mb[name] / 1024:.2f} GiB",
                       file=sys.stderr, flush=True)
 
         return _S()
@@ -173,24 +178,25 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
-    entry = {"argv": argv, "exit_code": code, "wall_s": round(wall, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    entry = {"argv": argv, "exit_code": code, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+             "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
     try:
         entry["result"] = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else None
     except json.JSONDecodeError:
         entry["result"] = None
         entry["stdout_tail"] = stdout[-2000:]
     results[name] = entry
-    print(f"[{name}] exit {code}, {wall:.0f} s, max RSS {entry['max_rss_mb'] / 1024:.2f} GB", file=sys.stderr, flush=True)
+    print(f"[{name}] exit {code}, {wall:.0f} s wall, {entry['cpu_s']:.0f} s CPU, max RSS {entry['max_rss_mb'] / 1024:.2f} GiB", file=sys.stderr, flush=True)
     return entry
 
 
 def _table(results: dict) -> str:
     weights = results["make"]["result"]["unet_fp32_bytes"] / 1024**2
     goal = GOAL * weights
-    lines = [f"fp32 UNet weights {weights / 1024:.2f} GB ({results['make']['result']['unet_params'] / 1e6:.1f} M params), "
-             f"VAE {results['make']['result']['vae_fp32_bytes'] / 1024**3:.2f} GB; goal: peak RSS <= {GOAL}x UNet "
-             f"weights = {goal / 1024:.2f} GB", "",
-             "| run | stage | seconds | peak RSS GB | x UNet weights | within goal |", "|---|---|---|---|---|---|"]
+    lines = [f"fp32 UNet weights {weights / 1024:.2f} GiB ({results['make']['result']['unet_params'] / 1e6:.1f} M params), "
+             f"VAE {results['make']['result']['vae_fp32_bytes'] / 1024**3:.2f} GiB; goal: peak RSS <= {GOAL}x UNet "
+             f"weights = {goal / 1024:.2f} GiB", "",
+             "| run | stage | seconds | peak RSS GiB | x UNet weights | within goal |", "|---|---|---|---|---|---|"]
     for run, entry in results.items():
         if not isinstance(entry, dict) or "max_rss_mb" not in entry:
             continue
@@ -201,7 +207,8 @@ def _table(results: dict) -> str:
                 continue
             lines.append(f"| {run} | {stage} | {secs:.1f} | {peak / 1024:.2f} | {peak / weights:.2f} | "
                          f"{'yes' if peak <= goal else 'NO'} |")
-        lines.append(f"| {run} | **whole process** (ru_maxrss), exit {entry['exit_code']} | {entry['wall_s']:.1f} | "
+        lines.append(f"| {run} | **whole process** (ru_maxrss), exit {entry['exit_code']}, CPU {entry.get('cpu_s', 0):.0f} s "
+                     f"| {entry['wall_s']:.1f} | "
                      f"{entry['max_rss_mb'] / 1024:.2f} | {entry['max_rss_mb'] / weights:.2f} | "
                      f"{'yes' if entry['max_rss_mb'] <= goal else 'NO'} |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,12 +40,18 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse before any work is done: an existing --out without --force, or an unwritable parent."""
+    """Refuse before any work is done: an existing --out without --force, or an unwritable parent.
+
+    First clears what killed earlier runs left beside `out` (clean_stale), which may put a previous
+    bundle back in place."""
+    clean_stale(out)
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{parent} is a file, not a directory: --out {out} cannot be created inside it")
     if not parent.is_dir():
         raise InputError(f"parent directory {parent} of --out does not exist")
     if not os.access(parent, os.W_OK):
@@ -63,14 +70,52 @@ def staged(out: Path, force: bool):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            # one clear line in the CLI (cli.run): the disk, where, and that --out is untouched
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(e.filename or out)) from None
         raise
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what killed runs (SIGKILL, OOM killer, power loss) left beside `out`; returns what was done.
+
+    `.NAME.partial-PID` of a dead PID is half a bundle: removed. `.NAME.old-PID` of a dead PID is the
+    previous bundle, moved aside just before the final rename: put back when `out` is missing (the run
+    died between the two renames), else removed. Dirs of live PIDs (a concurrent run) are left alone.
+    """
+    done = []
+    parent = out.parent
+    if not parent.is_dir():
+        return done
+    for kind in ("partial", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in sorted(parent.glob(prefix + "*")):
+            pid = path.name[len(prefix):]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)) or not path.is_dir():
+                continue
+            if kind == "old" and not out.exists():
+                os.rename(path, out)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            done.append(path)
+    return done
 
 
 def write_manifest(root: Path, manifest: dict) -> dict:
@@ -81,6 +126,8 @@ def write_manifest(root: Path, manifest: dict) -> dict:
 
 def read_manifest(bundle: Path) -> dict:
     path = Path(bundle) / MANIFEST
+    if Path(bundle).is_file():
+        raise InputError(f"{bundle} is a file; expected a bundle directory (the --out of tinyprune export)")
     if not Path(bundle).is_dir():
         raise InputError(f"bundle {bundle} does not exist or is not a directory")
     if not path.is_file():

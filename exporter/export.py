@@ -10,12 +10,12 @@ from pathlib import Path
 from . import __version__
 from .bundle import TIMINGS, check_out_dir, staged, write_json, write_manifest
 from .components import COMPONENTS, export_spec
-from .config import PruneSpec, load_profile
+from .config import L1GradSpec, PruneSpec, load_profile
 from .errors import GateFailed
 from .onnx_export import MAX_EXPORT_OPSET, export_component
 from .pipeline import demo_dir, load_pipeline, save_pipeline, tree_sha256
 from .prune import prune
-from .report import speedup_source, write_report
+from .report import pruning_summary, speedup_source, write_report
 from .validate import image_drift, onnx_drift
 
 
@@ -44,9 +44,13 @@ class _Stage:
             self.stages.log(f"{self.name} done in {dt:.1f} s")
 
 
-def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out: Path, force: bool, log):
+def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out: Path, force: bool, log,
+                    tuning: dict | None = None):
     profile = load_profile(target)
-    spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile)
+    tuning = dict(tuning or {})  # raw CLI values of the l1-grad / recovery options, None = default
+    calibration = tuning.pop("calibration", None)
+    spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile,
+                                      l1grad=L1GradSpec.parse(**tuning), calibration=calibration)
     for n in notices:
         log(f"notice: {n}")
     check_out_dir(out, force)  # before minutes of work, not after
@@ -63,11 +67,11 @@ def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, 
 
 def prune_to_dir(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
                  scope: str = "global", prune_vae: bool = False, out: str | Path = "pruned", force: bool = False,
-                 log=lambda msg: None) -> dict:
+                 log=lambda msg: None, tuning: dict | None = None) -> dict:
     """Prune + bake only: a pipeline dir in diffusers layout plus pruning_plan.json."""
     out = Path(out)
     _, _, _, _, _, pruned, plan, _, _ = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae,
-                                                         out, force, log)
+                                                         out, force, log, tuning=tuning)
     with staged(out, force) as tmp:
         _save_pruned(pruned, plan, tmp)
     return {"out": str(out), "sparsity": {c: round(p["sparsity"], 6) for c, p in plan["components"].items()}}
@@ -80,10 +84,10 @@ def _save_pruned(pruned, plan: dict, root: Path) -> None:
 
 def export(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
            scope: str = "global", prune_vae: bool = False, out: str | Path = "bundle", force: bool = False,
-           min_psnr_db: float | None = None, log=lambda msg: None) -> dict:
+           min_psnr_db: float | None = None, log=lambda msg: None, tuning: dict | None = None) -> dict:
     out = Path(out)
     profile, spec, notices, model_dir, dense, pruned, plan, source_sha, stage = _load_and_prune(
-        model, sparsity, target, method, pattern, scope, prune_vae, out, force, log)
+        model, sparsity, target, method, pattern, scope, prune_vae, out, force, log, tuning=tuning)
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
     meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
             "source_sha256": source_sha}
@@ -118,6 +122,7 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
             "notices": notices,
             "onnx_drift": [d.to_dict() for d in drifts],
             "image_drift": img.to_dict(),
+            "pruning": pruning_summary(plan),
             "opset": xspec.opset,
             "ok": ok,
         }

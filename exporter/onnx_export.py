@@ -132,6 +132,8 @@ def load_onnx(path: str | Path, load_data: bool = True) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise InputError(f"{path} is not a valid ONNX file ({type(e).__name__})") from None
+    if not model.HasField("graph") or not model.ir_version:  # an empty or unrelated file can parse as protobuf
+        raise InputError(f"{path} is not a valid ONNX file (no graph or IR version)")
     root = path.parent.resolve()
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:

@@ -130,7 +130,8 @@ def load_pipeline(model_dir: str | Path) -> Pipeline:
         raise InputError(f"{root}: pipeline has {what}; tinyprune needs a class_embedder component")
     sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
     if sched_cfg.get("_class_name") not in SCHEDULERS:
-        raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}")
+        raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}; "
+                         f"supported: {', '.join(SCHEDULERS)}")
     unet = _load_component(UNet2DConditionModel, root, "unet")
     vae = _load_component(AutoencoderKL, root, "vae")
     conditioner = _load_component(ClassEmbedder, root, "class_embedder")

@@ -30,6 +30,7 @@ def write_report(root: Path, report: dict) -> None:
     lines += [f"- notice: {n}" for n in report.get("notices", [])]
     lines += ["", "## Sparsity (prunable Conv/Linear weights)", "", "| component | sparsity |", "|---|---|"]
     lines += [f"| {c} | {s:.4f} |" for c, s in report["sparsity"].items()]
+    lines += _pruning_lines(report.get("pruning"))
     lines += ["", "## ONNX vs PyTorch drift (onnxruntime CPU)", "",
               "| output | max abs | mean abs | tolerance | ok |", "|---|---|---|---|---|"]
     lines += [f"| {d['name']} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | {d['tolerance']:.3g} | {'yes' if d['ok'] else 'NO'} |"
@@ -49,3 +50,59 @@ def write_report(root: Path, report: dict) -> None:
                           f"{'yes' if d['ok'] else 'NO'} |"]
     lines += ["", f"**Result: {'all gates passed' if report['ok'] else 'a gate FAILED'}**", ""]
     (root / "report" / "report.md").write_text("\n".join(lines))
+
+
+def pruning_summary(plan: dict) -> dict:
+    """What the report says about how each component was pruned: 2:4 layers chosen (with the measured
+    sensitivity that ranked them), left dense (with the reason), and the l1-grad / recovery record."""
+    out = {}
+    for comp, p in plan["components"].items():
+        layers = p.get("layers", {})
+        entry = {}
+        if any("pattern" in d for d in layers.values()):
+            def row(name, d):
+                r = {"layer": name, "numel": d["numel"]}
+                r.update({k: d[k] for k in ("sensitivity", "energy_lost", "rank", "reason") if k in d})
+                return r
+            chosen = [row(n, d) for n, d in layers.items() if d.get("pattern") == "2:4"]
+            entry["two_four"] = {
+                "chosen": sorted(chosen, key=lambda r: r.get("rank", 0)),
+                "not_chosen": [row(n, d) for n, d in layers.items() if d.get("pattern") == "none" and "rank" in d],
+                "ineligible": [row(n, d) for n, d in layers.items() if d.get("pattern") == "none" and "rank" not in d],
+            }
+        if "l1_grad" in p:
+            entry["l1_grad"] = {k: v for k, v in p["l1_grad"].items() if k != "schedule"}
+        for key in ("recovery", "scores"):
+            if key in p:
+                entry[key] = p[key]
+        if entry:
+            out[comp] = entry
+    return out
+
+
+def _pruning_lines(summary: dict | None) -> list[str]:
+    lines = []
+    for comp, s in (summary or {}).items():
+        if "l1_grad" in s:
+            g = s["l1_grad"]
+            lines += ["", f"## {comp}: l1-grad", "",
+                      f"alpha {g['alpha']}, beta {g['beta']}, L1 {g['l1']}, {g['iterations']} prune steps, "
+                      f"{g['recovery_steps']} recovery steps; {g['regrown']} weights regrown; calibration loss "
+                      f"dense {g['loss_dense']:.5f} -> pruned {g['loss_pruned']:.5f}"]
+        if "recovery" in s:
+            r = s["recovery"]
+            lines += ["", f"{comp}: recovery {r['steps']} steps (masks fixed), calibration loss "
+                          f"{r['loss_before']:.5f} -> {r['loss_after']:.5f}"]
+        if "two_four" in s:
+            t = s["two_four"]
+            key = "sensitivity" if any("sensitivity" in r for r in t["chosen"] + t["not_chosen"]) else "energy_lost"
+            what = "loss increase when made 2:4 alone" if key == "sensitivity" else "weight energy removed by 2:4"
+            lines += ["", f"## {comp}: 2:4 layers, least sensitive first ({what})", "",
+                      f"| layer | weights | {key.replace('_', ' ')} | |", "|---|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['numel']} | {r[key]:.3g} | 2:4 |" for r in t["chosen"]]
+            lines += [f"| {r['layer']} | {r['numel']} | {r[key]:.3g} | dense: {r['reason']} |" for r in t["not_chosen"]]
+            if t["ineligible"]:
+                lines += ["", f"{comp}: {len(t['ineligible'])} layers not eligible for 2:4", "",
+                          "| layer | weights | reason |", "|---|---|---|"]
+                lines += [f"| {r['layer']} | {r['numel']} | {r['reason']} |" for r in t["ineligible"]]
+    return lines

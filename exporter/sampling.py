@@ -21,21 +21,21 @@ def initial_noise(seed: int, batch: int, channels: int, size: int) -> np.ndarray
 
 @torch.inference_mode()
 def sample(pipe: Pipeline, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS,
-           guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
-    """Images in [0, 1], shape [B, 3, H, W], for the given class labels."""
-    latents = sample_latents(pipe, labels, seed, steps, guidance)
+           guidance: float = DEFAULT_GUIDANCE, size: int | None = None) -> torch.Tensor:
+    """Images in [0, 1], shape [B, 3, H, W], for the given class labels (latent size: native unless given)."""
+    latents = sample_latents(pipe, labels, seed, steps, guidance, size=size)
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1)
 
 
 @torch.inference_mode()
 def sample_latents(pipe: Pipeline, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS,
-                   guidance: float = DEFAULT_GUIDANCE) -> torch.Tensor:
+                   guidance: float = DEFAULT_GUIDANCE, size: int | None = None) -> torch.Tensor:
     """The denoised, scaled latents (what the VAE decoder's ONNX input takes)."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     b = len(labels)
-    latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, pipe.latent_size))
+    latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size))
     latents = latents * scheduler.init_noise_sigma
     cond = pipe.conditioner(torch.tensor(labels, dtype=torch.long))
     uncond = pipe.conditioner(torch.full((b,), pipe.conditioner.null_class, dtype=torch.long))
