@@ -97,7 +97,11 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
         components = {}
         for comp in COMPONENTS:
             with stage(f"export {comp.name}"):
-                stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx", meta)
+                # a component the plan did not prune (the VAE by default) carries no pattern claim: verify
+                # rejects "2:4" on a file without a single 2:4 tensor
+                pattern = spec.pattern if comp.source in plan["components"] else "none"
+                stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
+                                           dict(meta, pattern=pattern))
             tensors = json.loads(stamped["tinyprune.tensors"])
             components[comp.name] = {
                 "file": f"{comp.name}/model.onnx",
