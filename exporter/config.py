@@ -215,7 +215,8 @@ class L1GradSpec:
     normalisation): alpha = beta = 1 weighs magnitude and gradient equally on average, beta = 0 ranks
     exactly as magnitude, alpha = 0 by gradient alone. Recovery: Adam (lr) on the denoising loss plus
     l1 * sum|w| over the prunable weights, recovery_steps in all, split over `iterations` prune steps
-    (None: DEFAULT_RECOVERY_STEPS for l1-grad, 0 for magnitude).
+    (None: DEFAULT_RECOVERY_STEPS for l1-grad, 0 for magnitude). distill: the recovery's target is the
+    dense UNet's epsilon on the same x_t instead of the true noise (costs a second copy of the UNet).
     """
 
     alpha: float = 1.0
@@ -224,9 +225,11 @@ class L1GradSpec:
     recovery_steps: int | None = None
     iterations: int = 4
     lr: float = 1e-4
+    distill: bool = False
 
     @staticmethod
-    def parse(alpha=None, beta=None, l1=None, recovery_steps=None, iterations=None, lr=None) -> "L1GradSpec":
+    def parse(alpha=None, beta=None, l1=None, recovery_steps=None, iterations=None, lr=None,
+              distill=None) -> "L1GradSpec":
         """CLI values (None = default) validated once."""
         d = L1GradSpec()
         vals = {"alpha": d.alpha if alpha is None else alpha, "beta": d.beta if beta is None else beta,
@@ -242,7 +245,8 @@ class L1GradSpec:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise InputError(f"--{key} must be an integer >= {lo}, got {v!r}")
         return L1GradSpec(float(vals["alpha"]), float(vals["beta"]), float(vals["l1"]), recovery_steps,
-                          d.iterations if iterations is None else iterations, float(vals["lr"]))
+                          d.iterations if iterations is None else iterations, float(vals["lr"]),
+                          d.distill if distill is None else bool(distill))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .bake import apply_masks, plan_sparsity
@@ -24,10 +26,12 @@ def _masks(model, weights, spec: PruneSpec, batches, scheduler, log):
     """Masks, per-layer decisions and a record for one component. `batches` is None where no denoising
     loss applies (the VAE): l1-grad then falls back to magnitude and 2:4 to the data-free ranking."""
     o = spec.l1grad
+    # --distill: the dense UNet, kept before any weight is zeroed, is the recovery's teacher
+    teacher = copy.deepcopy(model) if (batches and spec.recovery_steps and o.distill) else None
     if spec.method == "l1-grad" and batches and spec.pattern == "unstructured":
         masks, info = prune_l1_grad(model, batches, spec.sparsity, scheduler=scheduler, alpha=o.alpha, beta=o.beta,
                                     l1=o.l1, recovery_steps=spec.recovery_steps, iterations=o.iterations, lr=o.lr,
-                                    scope=spec.scope, seed=spec.seed, log=log)
+                                    scope=spec.scope, seed=spec.seed, teacher=teacher, log=log)
         return masks, {}, {"l1_grad": info}
     info = {}
     if spec.method == "l1-grad" and batches:
@@ -45,7 +49,7 @@ def _masks(model, weights, spec: PruneSpec, batches, scheduler, log):
         apply_masks(model, masks)
         loss_before = mean_loss(model, batches)
         masks, rec = recover(model, masks, batches, spec.recovery_steps, scheduler=scheduler, lr=o.lr, l1=o.l1,
-                             seed=spec.seed)
+                             seed=spec.seed, teacher=teacher)
         info["recovery"] = dict(rec, loss_before=round(loss_before, 6), loss_after=round(mean_loss(model, batches), 6))
         log(f"recovery: {spec.recovery_steps} steps, calibration loss {loss_before:.5f} -> "
             f"{info['recovery']['loss_after']:.5f}")

@@ -6,6 +6,10 @@ clean latents with fresh noise at fresh stratified timesteps, so a few dozen cal
 few hundred steps without replaying the same (x_t, t). Adam over every UNet parameter; after each step
 the masked weights are set back to exactly zero. An optional `on_step` hook sees the gradients before
 the step and may return new masks: that is how the l1-grad schedule lets pruned weights regrow.
+
+With a `teacher` (the dense UNet) the target is the teacher's epsilon on the same x_t instead of the noise
+that made it: distillation, which carries the dense model's function rather than refitting a few dozen
+calibration latents (the option --distill).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def renoise(batch: Batch, scheduler, g: torch.Generator) -> Batch:
 
 def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: list[Batch], steps: int, *,
             scheduler, lr: float = 1e-4, l1: float = 0.0, forward=denoising_loss, seed: int = 0,
-            on_step=None) -> tuple[dict[str, torch.Tensor], dict]:
+            on_step=None, teacher: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Fine-tune `model` in place for `steps` Adam steps; returns the (possibly regrown) masks and a log."""
     weights = prunable_weights(model)
     params = list(model.parameters())
@@ -55,6 +59,10 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
         opt = torch.optim.Adam(params, lr=lr)
         for step in range(steps):
             batch = renoise(batches[step % len(batches)], scheduler, g)
+            if teacher is not None:
+                with torch.no_grad():
+                    eps = teacher(batch.x_t, batch.t, encoder_hidden_states=batch.context).sample
+                batch = Batch(batch.x_t, batch.t, batch.context, eps, batch.x0)
             loss = forward(model, batch)
             total = loss + l1 * sum(w.abs().sum() for w in weights.values()) if l1 else loss
             opt.zero_grad(set_to_none=True)
@@ -71,7 +79,7 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
             p.requires_grad_(r)
             p.grad = None
     head, tail = losses[: max(1, steps // 10)], losses[-max(1, steps // 10):]
-    log = {"steps": steps, "lr": lr, "l1": l1,
+    log = {"steps": steps, "lr": lr, "l1": l1, "target": "teacher" if teacher is not None else "noise",
            "train_loss_first": round(sum(head) / len(head), 6) if losses else None,
            "train_loss_last": round(sum(tail) / len(tail), 6) if losses else None}
     return masks, log

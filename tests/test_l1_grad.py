@@ -120,6 +120,18 @@ def test_recovery_holds_masks_and_l1_shrinks(pipe_and_batches):
     assert results[1e-2] < results[0.0]
 
 
+def test_distill_target_is_the_teacher(pipe_and_batches):
+    import copy
+
+    unet, batches, scheduler = _fresh(pipe_and_batches)
+    teacher = copy.deepcopy(unet)
+    keep = {k: torch.ones_like(w, dtype=torch.bool) for k, w in prunable_weights(unet).items()}
+    _, log = recover(unet, keep, batches, 1, scheduler=scheduler, lr=1e-3, teacher=teacher)
+    assert log["target"] == "teacher" and log["train_loss_first"] < 1e-10  # student == teacher: nothing to fit
+    _, log = recover(unet, keep, batches, 1, scheduler=scheduler, lr=1e-3)
+    assert log["target"] == "noise" and log["train_loss_first"] > 0.1
+
+
 def test_recovery_lowers_the_calibration_loss(pipe_and_batches):
     unet, batches, scheduler = _fresh(pipe_and_batches)
     weights = prunable_weights(unet)
@@ -133,7 +145,7 @@ def test_recovery_lowers_the_calibration_loss(pipe_and_batches):
 
 
 def test_options_validated_and_defaults():
-    assert L1GradSpec.parse() == L1GradSpec(1.0, 1.0, 1e-5, None, 4, 1e-4)
+    assert L1GradSpec.parse() == L1GradSpec(1.0, 1.0, 1e-5, None, 4, 1e-4, False)
     for kwargs, message in [({"alpha": -1.0}, "--alpha must be a finite number >= 0"),
                             ({"alpha": 0.0, "beta": 0.0}, "--alpha and --beta are both 0"),
                             ({"iterations": 0}, "--iterations must be an integer >= 1"),

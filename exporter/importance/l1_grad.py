@@ -106,6 +106,7 @@ def _remask(weights, new, old, saved) -> int:
 def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler, alpha: float = 1.0,
                   beta: float = 1.0, l1: float = 1e-5, recovery_steps: int = 200, iterations: int = 4,
                   lr: float = 1e-4, scope: str = "global", forward=denoising_loss, seed: int = 0,
+                  teacher: torch.nn.Module | None = None,
                   log=lambda msg: None) -> tuple[dict[str, torch.Tensor], dict]:
     """The iterative schedule; prunes `model` in place. Returns the final masks (exactly
     round(sparsity * n) zeros, global or per layer) and a record of what happened."""
@@ -142,7 +143,7 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
                 return new
 
             masks, rec = recover(model, masks, batches, steps, scheduler=scheduler, lr=lr, l1=l1, forward=forward,
-                                 seed=seed + k, on_step=on_step)
+                                 seed=seed + k, on_step=on_step, teacher=teacher)
             entry.update(recovery=rec, regrown_in_recovery=count[0],
                          loss_after_recovery=round(mean_loss(model, batches, forward), 6))
             back += count[0]
