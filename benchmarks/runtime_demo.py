@@ -1,0 +1,112 @@
+"""Does the bundle make the digits it is asked for, with no PyTorch on the machine?
+
+1. The torch-free runtime (`python -m exporter.runtime`) runs in a subprocess where importing torch, diffusers,
+   transformers or onnx raises ImportError (a sys.meta_path blocker in a sitecustomize on PYTHONPATH); every
+   attempted import is logged and must be none. It writes PNGs for labels 0..9 x --per-class, one seed.
+2. Here, with torch: the shipped digit classifier (exporter/quality.py) classifies those PNGs; accuracy against the
+   asked class, overall and per class. The same labels through the PyTorch pipeline (exporter.sampling.sample,
+   same seed and initial noise) give the reference accuracy and the runtime-vs-PyTorch PSNR.
+
+    .venv/bin/python benchmarks/runtime_demo.py BUNDLE [--per-class 10] [--steps 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKER = '''
+import os, sys
+
+class _Blocked:
+    BLOCKED = ("torch", "diffusers", "transformers", "onnx", "onnxscript")
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.BLOCKED:
+            with open(os.environ["BLOCK_LOG"], "a") as f:
+                f.write(name + "\\n")
+            raise ImportError(f"{name} is not installed on this device")
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, out: Path, work: Path) -> dict:
+    (work / "sitecustomize.py").write_text(BLOCKER)
+    log = work / "blocked.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(work), BLOCK_LOG=str(log))
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0, "the blocker did not block torch"
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "exporter.runtime", str(bundle), "--steps", str(steps), "--seed", str(seed),
+           "--out", str(out), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"runtime failed:\n{proc.stderr}")
+    attempted = log.read_text().split() if log.exists() else []
+    result = json.loads(proc.stdout)
+    result["wall_s"] = round(wall, 2)
+    result["blocked_imports_attempted"] = attempted
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--per-class", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from exporter.compare import psnr
+    from exporter.pipeline import load_pipeline
+    from exporter.quality import load_classifier, predict
+    from exporter.sampling import sample
+
+    labels = [c for _ in range(args.per_class) for c in range(10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rt = run_without_torch(args.bundle, labels, args.seed, args.steps, tmp / "png", tmp)
+        from PIL import Image
+
+        pngs = np.stack([np.asarray(Image.open(f)) for f in rt["files"]])
+        runtime_float = np.load(tmp / "png" / "images.npy")
+    images = pngs.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    clf = load_classifier()
+    pred = predict(clf, images)
+    lab = np.asarray(labels)
+    ref = sample(load_pipeline(args.bundle / "pruned"), labels, seed=args.seed, steps=args.steps).numpy()
+    ref_pred = predict(clf, ref)
+    out = {
+        "bundle": str(args.bundle), "images": len(labels), "steps": args.steps, "seed": args.seed,
+        "runtime": {k: rt[k] for k in ("backend", "scheduler", "seconds", "wall_s", "blocked_imports_attempted")},
+        "accuracy_runtime_png": float(np.mean(pred == lab)),
+        "accuracy_per_class": {int(c): float(np.mean(pred[lab == c] == c)) for c in range(10)},
+        "accuracy_pytorch": float(np.mean(ref_pred == lab)),
+        "runtime_vs_pytorch_psnr_db": psnr(ref, runtime_float, 1.0),
+        "runtime_vs_pytorch_max_abs": float(np.abs(ref - runtime_float).max()),
+        "predictions_agree": float(np.mean(pred == ref_pred)),
+    }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
