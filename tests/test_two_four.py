@@ -145,7 +145,7 @@ def two_four_bundle(tiny_dir, tmp_path_factory):
     out = root / "bundle"
     r = CliRunner().invoke(app, ["export", "--model", str(tiny_dir), "--pattern", "2:4", "--target", "jetson",
                                  "--sparsity", "0.4", "--calibration", str(root / "imgs"), "--out", str(out),
-                                 "--image-checks", "1", "--image-steps", "4", "--json"], catch_exceptions=False)
+                                 "--json"], catch_exceptions=False)
     return out, r
 
 
