@@ -35,18 +35,26 @@ def _use_plain_attention(pipe: Pipeline) -> None:
 
 def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path: Path, meta: dict) -> dict:
     """Export one component to `path` (a model.onnx inside its own dir); returns the metadata stamped on it."""
+    # The plain processors only for the trace: PyTorch sampling after the export (runtime references at native
+    # size) keeps the fused attention, which at Stable Diffusion size (4096 tokens) does not materialise
+    # 8 x 4096 x 4096 attention matrices (> 1 GB).
+    saved = {m: m.attn_processors for m in (pipe.unet, pipe.vae)}
     _use_plain_attention(pipe)
     module = comp.module(pipe).eval()
     feed = comp.dummy_feed(pipe, spec.batch.opt, spec.latent.opt)
     args = tuple(torch.from_numpy(feed[n]) for n in comp.inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, args, str(path), input_names=list(comp.inputs), output_names=list(comp.outputs),
-            dynamic_axes=comp.dynamic_axes(spec), opset_version=spec.opset, do_constant_folding=True,
-            dynamo=False,
-        )
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(path), input_names=list(comp.inputs), output_names=list(comp.outputs),
+                dynamic_axes=comp.dynamic_axes(spec), opset_version=spec.opset, do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        for m, processors in saved.items():
+            m.set_attn_processor(processors)
     model = onnx.load(str(path), load_external_data=False)  # past 2 GB torch wrote one file per tensor
     model.producer_name, model.producer_version = "tinyprune", meta["version"]
     stamped = sparsity_metadata(model, component=comp.name, **meta, base_dir=str(path.parent))
