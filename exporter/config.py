@@ -10,8 +10,11 @@ from pathlib import Path
 
 from .errors import InputError
 
-METHODS = ("magnitude", "l1-grad")
-PATTERNS = ("unstructured", "2:4", "auto")
+# structured methods remove channels and heads (pattern "channel"): faster on every runtime (exporter/structured.py)
+STRUCTURED_METHODS = ("diff-pruning", "ld-pruner", "ecodiff")
+METHODS = ("magnitude", "l1-grad") + STRUCTURED_METHODS
+PATTERNS = ("unstructured", "2:4", "auto", "channel")
+AUTO_STRUCTURED = "diff-pruning"  # what --method auto picks for targets without sparse tensor cores
 SCOPES = ("global", "layer")
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "text_encoder")
 
@@ -249,6 +252,50 @@ class L1GradSpec:
                           d.distill if distill is None else bool(distill))
 
 
+COST_MODELS = ("ort", "macs")
+NORMALIZERS = ("mean", "none")
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """Options of the structured methods (exporter/structured.py, exporter/allocate.py).
+
+    target_macs: fraction of the dense UNet's MACs to keep, in (0, 1]; None: --sparsity (fraction of
+    prunable parameters removed) is the target. latency_aware: weigh each group by its cost -- measured
+    onnxruntime CPU time ("ort") or MACs ("macs") -- instead of its parameters. normalize: per-group score
+    normalisation ("mean", Torch-Pruning's; "none"). recovery_minutes caps the distillation's wall time.
+    """
+
+    target_macs: float | None = None
+    latency_aware: bool = False
+    cost_model: str = "ort"
+    normalize: str = "mean"
+    recovery_minutes: float | None = None
+
+    @staticmethod
+    def parse(target_macs=None, latency_aware=None, cost_model=None, normalize=None,
+              recovery_minutes=None) -> "StructuredSpec":
+        d = StructuredSpec()
+        if target_macs is not None:
+            try:
+                target_macs = float(target_macs)
+            except (TypeError, ValueError):
+                raise InputError(f"--target-macs must be a number in (0, 1], got '{target_macs}'") from None
+            if math.isnan(target_macs) or not 0.0 < target_macs <= 1.0:
+                raise InputError(f"--target-macs is the fraction of the dense MACs to keep, in (0, 1]; got {target_macs}")
+        cost_model = d.cost_model if cost_model is None else cost_model
+        if cost_model not in COST_MODELS:
+            raise InputError(f"unknown --cost-model '{cost_model}'; known: {', '.join(COST_MODELS)}")
+        normalize = d.normalize if normalize is None else normalize
+        if normalize not in NORMALIZERS:
+            raise InputError(f"unknown --normalize '{normalize}'; known: {', '.join(NORMALIZERS)}")
+        if recovery_minutes is not None and (isinstance(recovery_minutes, bool) or not isinstance(recovery_minutes, (int, float))
+                                             or not math.isfinite(recovery_minutes) or recovery_minutes <= 0):
+            raise InputError(f"--recovery-minutes must be a number > 0, got {recovery_minutes!r}")
+        return StructuredSpec(target_macs, bool(latency_aware), cost_model, normalize,
+                              None if recovery_minutes is None else float(recovery_minutes))
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     method: str = "magnitude"
@@ -259,6 +306,7 @@ class PruneSpec:
     seed: int = 0
     l1grad: L1GradSpec = L1GradSpec()
     calibration: str | None = None  # image folder for calibration batches; None = data-free (dense samples)
+    structured: StructuredSpec = StructuredSpec()
 
     @property
     def recovery_steps(self) -> int:
@@ -269,15 +317,35 @@ class PruneSpec:
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration batches: gradients, 2:4 sensitivity or recovery."""
-        return self.method == "l1-grad" or self.pattern == "2:4" or self.recovery_steps > 0
+        return self.method == "l1-grad" or self.pattern in ("2:4", "channel") or self.recovery_steps > 0
 
     @staticmethod
     def resolve(method: str, sparsity, pattern: str, scope: str, prune_vae: bool, profile: DeviceProfile,
                 seed: int = 0, l1grad: L1GradSpec | None = None,
-                calibration: str | None = None) -> tuple["PruneSpec", list[str]]:
+                calibration: str | None = None,
+                structured: StructuredSpec | None = None) -> tuple["PruneSpec", list[str]]:
         """Validate the user's choices against the target; returns the spec and notices to show."""
         notices = []
         s = parse_sparsity(sparsity)
+        if method == "auto":  # zeros pay only on sparse tensor cores; everywhere else only a smaller network does
+            if profile.sparse_tensor_cores:
+                method = "l1-grad" if "l1-grad" in METHODS else "magnitude"
+                pattern = "2:4"
+            else:
+                method, pattern = AUTO_STRUCTURED, "channel"
+            notices.append(f"--method auto: {method} with pattern {pattern} for {profile.name} "
+                           f"({'has' if profile.sparse_tensor_cores else 'no'} sparse tensor cores)")
+        if method in STRUCTURED_METHODS:
+            if pattern == "2:4":
+                raise InputError(f"--method {method} removes channels and heads (pattern channel); 2:4 needs "
+                                 "--method magnitude or l1-grad")
+            if prune_vae:
+                raise InputError(f"--method {method} prunes the UNet only; drop --prune-vae")
+            pattern = "channel"
+        elif pattern == "channel":
+            raise InputError(f"--pattern channel needs a structured method: {', '.join(STRUCTURED_METHODS)}")
+        if structured is not None and structured.target_macs is not None and method not in STRUCTURED_METHODS:
+            raise InputError(f"--target-macs needs a structured method: {', '.join(STRUCTURED_METHODS)}")
         if method not in METHODS:
             raise InputError(f"unknown --method '{method}'; known methods: {', '.join(METHODS)}")
         if pattern not in PATTERNS:
@@ -299,7 +367,8 @@ class PruneSpec:
             )
         if calibration is not None and not Path(calibration).is_dir():
             raise InputError(f"--calibration {calibration} is not a directory of images")
-        return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration), notices
+        return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration,
+                         structured or StructuredSpec()), notices
 
 
 @dataclass(frozen=True)
