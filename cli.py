@@ -6,8 +6,10 @@ Heavy modules (torch, diffusers, onnx, tensorrt) are imported inside the command
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,7 +32,14 @@ SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunabl
 MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, iterative with L1 recovery)")
 PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores)")
 ScopeOpt = typer.Option("global", "--scope", help="global (one threshold over all layers) | layer (same sparsity per layer)")
+QualityOpt = typer.Option(None, "--quality", help="digit-yardstick samples per class for the FD/accuracy gates (default 10; 0 skips)")
+MaxFdOpt = typer.Option(None, "--max-fd-ratio", help="gate: pruned FD / dense FD at most this (default from the profile)")
+MinAccOpt = typer.Option(None, "--min-accuracy", help="gate: class accuracy of pruned samples at least this (default from the profile)")
 JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout")
+ImageChecksOpt = typer.Option(None, "--image-checks", min=0,
+                              help="class labels sampled for the dense-vs-pruned image gate (default: all; 0 skips "
+                                   "the gate, e.g. for Stable-Diffusion-sized models on a CPU)")
+ImageStepsOpt = typer.Option(None, "--image-steps", min=1, help="sampler steps of the image gate (default 20)")
 AlphaOpt = typer.Option(None, "--alpha", help="l1-grad: weight of the |w| term (default 1.0; terms normalised to mean 1)")
 BetaOpt = typer.Option(None, "--beta", help="l1-grad: weight of the |dL/dw| term (default 1.0; 0 = magnitude ranking)")
 L1Opt = typer.Option(None, "--l1", help="recovery: lambda of the lambda*sum|w| penalty (default 1e-5)")
@@ -70,6 +79,10 @@ def run(fn, *args, as_json: bool = False, show=None, **kwargs):
     except OSError as e:
         if state["debug"]:
             raise
+        if e.errno == errno.ENOSPC:  # exit 1: the run failed on this machine, not the input (README: exit codes)
+            err.print(f"error: disk full while writing {e.filename or 'the output'}: free some space and run again; "
+                      "nothing was published", markup=False)
+            raise typer.Exit(1)
         err.print(f"error: {e.strerror or e} ({e.filename or 'no file'})", markup=False)
         raise typer.Exit(2 if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)) else 1)
     if as_json:
@@ -94,13 +107,25 @@ def show_export(r: dict) -> None:
     for d in r["onnx_drift"]:
         t.add_row(d["name"], f"max abs {d['max_abs']:.3g}", f"<= {d['tolerance']:.3g}", "yes" if d["ok"] else "NO")
     img = r["image_drift"]
-    t.add_row(img["name"], f"PSNR {_num(img['psnr_db'])} dB", f">= {img['min_psnr_db']} dB", "yes" if img["ok"] else "NO")
+    if img.get("skipped"):
+        t.add_row(img["name"], "skipped (--image-checks 0)", f">= {img['min_psnr_db']} dB", "-")
+    else:
+        t.add_row(img["name"], f"PSNR {_num(img['psnr_db'])} dB", f">= {img['min_psnr_db']} dB",
+                  "yes" if img["ok"] else "NO")
     for d in r.get("runtime_drift", []):
         if d.get("skipped"):
             t.add_row(d["name"], "skipped (--image-checks 0)", f">= {d['min_psnr_db']} dB", "-")
         else:
             t.add_row(d["name"], f"PSNR {_num(d['psnr_db'])} dB, max abs {d['max_abs']:.2g}",
                       f">= {d['min_psnr_db']} dB", "yes" if d["ok"] else "NO")
+    q = r.get("quality")
+    if q:
+        t.add_row(f"FD ratio pruned/dense ({q['n_samples']} samples)",
+                  f"{q['fd_ratio']:.3f} (FD {q['pruned']['fd']:.3g} vs {q['dense']['fd']:.3g})",
+                  f"<= {q['max_fd_ratio']}", "yes" if q["fd_ratio"] <= q["max_fd_ratio"] else "NO")
+        t.add_row("class accuracy pruned (dense)", f"{q['pruned']['accuracy']:.3f} ({q['dense']['accuracy']:.3f})",
+                  f">= {q['min_accuracy']}", "yes" if q["pruned"]["accuracy"] >= q["min_accuracy"] else "NO")
+        t.add_row("PSNR / SSIM pruned vs dense", f"{_num(q['psnr_db'])} dB / {q['ssim']:.3f}", "", "")
     out.print(t)
     out.print(f"speed-up source: {r['speedup_source']}")
 
@@ -122,20 +147,26 @@ def export(
     out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="bundle directory to write"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile"),
+    image_checks: Optional[int] = ImageChecksOpt,
+    image_steps: Optional[int] = ImageStepsOpt,
     alpha: Optional[float] = AlphaOpt,
     beta: Optional[float] = BetaOpt,
     l1: Optional[float] = L1Opt,
     recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
     calibration: Optional[Path] = CalibrationOpt,
+    quality: Optional[int] = QualityOpt,
+    max_fd_ratio: Optional[float] = MaxFdOpt,
+    min_accuracy: Optional[float] = MinAccOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
     from exporter.export import export as do_export
 
     run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, min_psnr, log=log, as_json=as_json, show=show_export,
-        tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration))
+        force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
+        show=show_export, tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration), quality=quality,
+        max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
 
 
 @app.command()
@@ -167,17 +198,62 @@ def prune(
 
 
 @app.command()
+def sweep(
+    model: Optional[Path] = ModelOpt,
+    sparsity: str = typer.Option("0.2,0.3,0.43,0.5,0.6", "--sparsity", "-s", help="comma-separated sparsities"),
+    target: str = TargetOpt,
+    method: str = MethodOpt,
+    pattern: str = PatternOpt,
+    quality: int = typer.Option(20, "--quality", help="samples per class at each sparsity"),
+    out_dir: Path = typer.Option(Path("sweep"), "--out", "-o", help="directory for sweep.json and sweep.png"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    as_json: bool = JsonOpt,
+):
+    """Sparsity-quality curve: FD ratio and class accuracy against dense at each sparsity; table, JSON, plot."""
+    from rich.progress import Progress
+
+    from exporter.sweep import parse_sparsities, sweep as do_sweep
+
+    def show(r):
+        t = Table(title=f"{r['method']} ({r['pattern']}) on {r['model']}, {r['n_samples']} samples per point")
+        for col in ("sparsity", "FD ratio", "accuracy", "PSNR dB", "SSIM", "prune s", "gates"):
+            t.add_column(col)
+        if r["rows"]:
+            t.add_row("dense", "1.000", f"{r['rows'][0]['dense_accuracy']:.3f}", "", "", "", "")
+        for row in r["rows"]:
+            t.add_row(f"{row['sparsity']:.2f}", f"{row['fd_ratio']:.3f}", f"{row['accuracy']:.3f}",
+                      _num(row["psnr_db"]), f"{row['ssim']:.3f}", f"{row['prune_seconds']:.1f}",
+                      "ok" if row["gates_ok"] else "FAIL")
+        out.print(t)
+        out.print(f"written: {r['out']}/sweep.json, {r['out']}/sweep.png")
+
+    n = len(run(parse_sparsities, sparsity)) if err.is_terminal else 0
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("sweep", total=n)
+        run(do_sweep, str(model) if model else None, sparsity, method, pattern, target, out_dir, force, quality,
+            log=log if not err.is_terminal else (lambda m: None), progress=lambda: bar.advance(task),
+            as_json=as_json, show=show)
+
+
+@app.command()
 def validate(
     bundle: Path = typer.Argument(..., help="bundle directory"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB)"),
+    image_checks: Optional[int] = ImageChecksOpt,
+    image_steps: Optional[int] = ImageStepsOpt,
+    dense: Optional[Path] = typer.Option(None, "--dense", help="a dense bundle (same model, --sparsity 0): check its torch-free runtime against the dense PyTorch pipeline too"),
+    quality: Optional[int] = QualityOpt,
+    max_fd_ratio: Optional[float] = MaxFdOpt,
+    min_accuracy: Optional[float] = MinAccOpt,
     as_json: bool = JsonOpt,
 ):
-    """Re-check ONNX vs PyTorch drift and dense vs pruned images against the profile; exit 1 when over."""
+    """Re-check ONNX vs PyTorch drift, dense vs pruned images, and the torch-free runtime's images; exit 1 when over."""
     from exporter.validate import validate_bundle
 
-    run(validate_bundle, bundle, str(model) if model else None, min_psnr, log=log, as_json=as_json,
-        show=show_export)
+    run(validate_bundle, bundle, str(model) if model else None, min_psnr, log=log, image_checks=image_checks,
+        image_steps=image_steps, dense=dense, as_json=as_json, show=show_export, quality=quality,
+        max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
 
 
 @app.command()
@@ -351,7 +427,13 @@ def bench(
         str(model) if model else None, target, not no_generation, log=log, as_json=as_json, show=show_bench)
 
 
+def _terminated(signum, frame):
+    # CI cancels a job with SIGTERM: unwind like Ctrl-C so that the staging dir is removed (bundle.staged)
+    raise KeyboardInterrupt
+
+
 def main():
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except SystemExit:

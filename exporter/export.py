@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import gc
 import json
 import time
 from pathlib import Path
@@ -10,20 +10,58 @@ from pathlib import Path
 from . import __version__
 from .bundle import TIMINGS, check_out_dir, staged, write_json, write_manifest
 from .components import COMPONENTS, export_spec
+from . import quality_gate
 from .config import L1GradSpec, PruneSpec, load_profile
-from .errors import GateFailed
+from .errors import GateFailed, InputError
 from .onnx_export import MAX_EXPORT_OPSET, export_component
+from .quality_gate import DEFAULT_QUALITY_PER_CLASS
 from .pipeline import demo_dir, load_pipeline, save_pipeline, tree_sha256
 from .prune import prune
 from .report import pruning_summary, speedup_source, write_report
-from .validate import image_drift, onnx_drift
+from .runtime_files import prepare_runtime, runtime_check
+from .validate import (image_drift_against, image_latent_size, ort_drift, reference_images, skipped_image_drift,
+                       torch_references)
+
+
+def _release_free_memory() -> None:
+    """Hand memory freed by the previous stage back to the OS (glibc keeps freed heap pages otherwise), so
+    that each stage starts from what is really alive: the weights, not the last stage's activations."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: restart the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 class Stages:
-    """Line-oriented stage log with elapsed times; the times end up in report/timings.json."""
+    """Line-oriented stage log with elapsed times and, on Linux, each stage's own peak RSS (the kernel's
+    VmHWM, reset at the start of the stage); both end up in report/timings.json."""
 
     def __init__(self, log):
-        self.log, self.times = log, {}
+        self.log, self.times, self.peak_rss_mb = log, {}, {}
 
     def __call__(self, name: str):
         return _Stage(self, name)
@@ -35,17 +73,24 @@ class _Stage:
 
     def __enter__(self):
         self.stages.log(f"{self.name} ...")
+        _release_free_memory()
+        self.hwm = _reset_peak_rss()
         self.t0 = time.perf_counter()
 
     def __exit__(self, exc_type, *_):
         dt = time.perf_counter() - self.t0
         self.stages.times[self.name] = round(dt, 3)
+        peak = _peak_rss_mb() if self.hwm else None
+        if peak is not None:
+            self.stages.peak_rss_mb[self.name] = peak
         if exc_type is None:
-            self.stages.log(f"{self.name} done in {dt:.1f} s")
+            self.stages.log(f"{self.name} done in {dt:.1f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
 
 
 def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out: Path, force: bool, log,
-                    tuning: dict | None = None):
+                    before_prune=None, tuning: dict | None = None):
+    """Load, then prune in place: one copy of the weights (no dense copy is kept; what needs the dense
+    model, the reference images, runs in `before_prune` first)."""
     profile = load_profile(target)
     tuning = dict(tuning or {})  # raw CLI values of the l1-grad / recovery options, None = default
     calibration = tuning.pop("calibration", None)
@@ -57,12 +102,12 @@ def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, 
     model_dir = Path(model) if model else demo_dir()
     stage = Stages(log)
     with stage("load"):
-        dense = load_pipeline(model_dir)
+        pipe = load_pipeline(model_dir)
         source_sha = tree_sha256(model_dir)
-        pruned = copy.deepcopy(dense)
+    before = before_prune(pipe, profile, stage) if before_prune else None
     with stage("prune"):
-        plan = prune(pruned, spec, log=log)
-    return profile, spec, notices, model_dir, dense, pruned, plan, source_sha, stage
+        plan = prune(pipe, spec, log=log)
+    return profile, spec, notices, model_dir, pipe, plan, source_sha, stage, before
 
 
 def prune_to_dir(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
@@ -70,7 +115,7 @@ def prune_to_dir(model: str | None, sparsity, target: str, method: str = "magnit
                  log=lambda msg: None, tuning: dict | None = None) -> dict:
     """Prune + bake only: a pipeline dir in diffusers layout plus pruning_plan.json."""
     out = Path(out)
-    _, _, _, _, _, pruned, plan, _, _ = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae,
+    _, _, _, _, pruned, plan, _, _, _ = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae,
                                                          out, force, log, tuning=tuning)
     with staged(out, force) as tmp:
         _save_pruned(pruned, plan, tmp)
@@ -84,10 +129,47 @@ def _save_pruned(pruned, plan: dict, root: Path) -> None:
 
 def export(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
            scope: str = "global", prune_vae: bool = False, out: str | Path = "bundle", force: bool = False,
-           min_psnr_db: float | None = None, log=lambda msg: None, tuning: dict | None = None) -> dict:
+           min_psnr_db: float | None = None, log=lambda msg: None, image_checks: int | None = None,
+           image_steps: int | None = None, tuning: dict | None = None, quality: int | None = None,
+           max_fd_ratio: float | None = None, min_accuracy: float | None = None) -> dict:
+    """The headline command. Memory: one copy of the weights at a time (load, dense reference images,
+    prune in place, pruned images, save, ONNX export, PyTorch references; then the PyTorch pipeline is
+    released before onnxruntime loads the ONNX files). image_checks: how many class labels the
+    dense-vs-pruned image gate samples (None: all, 0: skip the gate); image_steps: sampler steps."""
     out = Path(out)
-    profile, spec, notices, model_dir, dense, pruned, plan, source_sha, stage = _load_and_prune(
-        model, sparsity, target, method, pattern, scope, prune_vae, out, force, log, tuning=tuning)
+    if image_checks is not None and image_checks < 0:
+        raise InputError(f"--image-checks must be >= 0, got {image_checks}")
+    if image_steps is not None and image_steps < 1:
+        raise InputError(f"--image-steps must be >= 1, got {image_steps}")
+
+    if quality is not None and quality < 0:
+        raise InputError(f"--quality must be >= 0 samples per class, got {quality}")
+
+    def dense_images(pipe, profile, stage):
+        refs = None
+        if image_checks != 0:
+            with stage("dense reference images"):
+                refs = reference_images(pipe, image_checks, image_steps, image_latent_size(profile))
+        why_not = quality_gate.why_skipped(pipe, quality, is_demo=model is None)
+        if why_not:
+            log(f"quality gates not applied: {why_not}")
+            return refs, None
+        with stage("dense quality samples"):
+            return refs, quality_gate.draw(pipe, quality or DEFAULT_QUALITY_PER_CLASS)
+
+    profile, spec, notices, model_dir, pruned, plan, source_sha, stage, (ref_images, dense_q) = _load_and_prune(
+        model, sparsity, target, method, pattern, scope, prune_vae, out, force, log, before_prune=dense_images, tuning=tuning)
+    quality_result = pruned_q = None
+    if dense_q is not None:
+        with stage("pruned quality samples"):
+            pruned_q = quality_gate.draw(pruned, len(dense_q.labels) // pruned.conditioner.config.num_classes)
+            quality_result = quality_gate.judge(dense_q, pruned_q, profile, max_fd_ratio, min_accuracy)
+    if ref_images is None:
+        img_ok, img_dict = True, skipped_image_drift(profile, min_psnr_db)
+    else:
+        with stage("validate dense vs pruned images"):
+            img = image_drift_against(ref_images, pruned, profile, min_psnr_db, image_checks, image_steps)
+        img_ok, img_dict = bool(img), img.to_dict()
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
     meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
             "source_sha256": source_sha}
@@ -110,11 +192,19 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 "inputs": comp.trt_shapes(pruned, xspec),
                 "outputs": list(comp.outputs),
             }
+        with stage("pytorch references"):
+            refs = torch_references(pruned, xspec, profile)
+        with stage("runtime files"):  # runtime/ for the torch-free loop, and PyTorch images to check it against
+            runtime_ref = prepare_runtime(pruned, tmp, image_checks, image_steps)
+        del pruned  # the last reference to the PyTorch weights: onnxruntime's copy must not sit beside them
+        gc.collect()
         with stage("validate onnx drift"):
-            drifts = onnx_drift(pruned, tmp, xspec, profile)
-        with stage("validate dense vs pruned images"):
-            img, _, _ = image_drift(dense, pruned, profile, min_psnr_db)
-        ok = all(drifts) and bool(img)
+            drifts = ort_drift(refs, tmp)
+        with stage("validate runtime vs pytorch images"):
+            runtime_drift = runtime_check(tmp, runtime_ref, profile, "pruned", image_steps)
+        if quality_result is not None:
+            quality_gate.write_grid(dense_q, pruned_q, tmp / "report" / "grid.png")
+        ok = all(drifts) and img_ok and runtime_drift["ok"] and (quality_result is None or bool(quality_result))
         report = {
             "model": "demo" if model is None else model_dir.name,
             "profile": profile.name,
@@ -125,8 +215,10 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
             "speedup_source": speedup_source(profile, spec.pattern),
             "notices": notices,
             "onnx_drift": [d.to_dict() for d in drifts],
-            "image_drift": img.to_dict(),
+            "image_drift": img_dict,
+            "runtime_drift": [runtime_drift],
             "pruning": pruning_summary(plan),
+            "quality": quality_result.to_dict() if quality_result is not None else None,
             "opset": xspec.opset,
             "ok": ok,
         }
@@ -137,10 +229,12 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
             "source": {"model": report["model"], "sha256": source_sha}, "opset": xspec.opset,
             "components": components,
         })
-        write_json(tmp / TIMINGS, stage.times)
-    result = dict(report, bundle=str(out), files=len(manifest["files"]), timings=stage.times)
+        write_json(tmp / TIMINGS, {"seconds": stage.times, "peak_rss_mb": stage.peak_rss_mb})
+    result = dict(report, bundle=str(out), files=len(manifest["files"]), timings=stage.times,
+                  peak_rss_mb=stage.peak_rss_mb)
     if not ok:
-        failed = [d.name for d in drifts if not d] + ([img.name] if not img else [])
-        raise GateFailed(f"drift over tolerance: {', '.join(failed)} (bundle written to {out}; see report/report.md)",
-                         result)
+        failed = [d.name for d in drifts if not d] + ([img_dict["name"]] if not img_ok else [])
+        failed += [runtime_drift["name"]] if not runtime_drift["ok"] else []
+        failed += quality_result.failures() if quality_result is not None else []
+        raise GateFailed(f"gate failed: {', '.join(failed)} (bundle written to {out}; see report/report.md)", result)
     return result

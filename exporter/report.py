@@ -36,9 +36,12 @@ def write_report(root: Path, report: dict) -> None:
     lines += [f"| {d['name']} | {d['max_abs']:.3g} | {d['mean_abs']:.3g} | {d['tolerance']:.3g} | {'yes' if d['ok'] else 'NO'} |"
               for d in report["onnx_drift"]]
     img = report["image_drift"]
-    lines += ["", "## Dense vs pruned final images (same seeds and initial noise)", "",
-              f"PSNR {_fmt(img['psnr_db'])} dB (gate >= {img['min_psnr_db']} dB), max abs {img['max_abs']:.3g}: "
-              f"{'ok' if img['ok'] else 'FAILED'}"]
+    lines += ["", "## Dense vs pruned final images (same seeds and initial noise)", ""]
+    if img.get("skipped"):
+        lines += [f"skipped (--image-checks 0): the gate (PSNR >= {img['min_psnr_db']} dB) was not applied"]
+    else:
+        lines += [f"PSNR {_fmt(img['psnr_db'])} dB (gate >= {img['min_psnr_db']} dB), max abs {img['max_abs']:.3g}: "
+                  f"{'ok' if img['ok'] else 'FAILED'}"]
     if report.get("runtime_drift"):
         lines += ["", "## Torch-free runtime vs PyTorch (same seed, labels and initial noise; `python -m exporter.runtime`)",
                   "", "| check | PSNR dB | max abs | gate | ok |", "|---|---|---|---|---|"]
@@ -48,8 +51,23 @@ def write_report(root: Path, report: dict) -> None:
             else:
                 lines += [f"| {d['name']} | {_fmt(d['psnr_db'])} | {d['max_abs']:.3g} | >= {d['min_psnr_db']} dB | "
                           f"{'yes' if d['ok'] else 'NO'} |"]
+    lines += _quality_lines(report.get("quality"))
     lines += ["", f"**Result: {'all gates passed' if report['ok'] else 'a gate FAILED'}**", ""]
     (root / "report" / "report.md").write_text("\n".join(lines))
+
+
+def _quality_lines(q: dict | None) -> list[str]:
+    if not q:
+        return ["", "## Quality (digit yardstick)", "", "not applied: the pipeline is not a digit pipeline, or --quality 0"]
+    return [
+        "", f"## Quality (digit yardstick, {q['n_samples']} samples each, same labels and noise)", "",
+        "| | FD to held-out real digits | class accuracy |", "|---|---|---|",
+        f"| dense | {q['dense']['fd']:.4g} | {q['dense']['accuracy']:.3f} |",
+        f"| pruned | {q['pruned']['fd']:.4g} | {q['pruned']['accuracy']:.3f} |", "",
+        f"FD ratio {q['fd_ratio']:.3f} (gate <= {q['max_fd_ratio']}), accuracy gate >= {q['min_accuracy']}; "
+        f"pruned vs dense PSNR {_fmt(q['psnr_db'])} dB, SSIM {q['ssim']:.3f}: {'ok' if q['ok'] else 'FAILED'}", "",
+        "![dense row on top, pruned row below, same seeds](grid.png)",
+    ]
 
 
 def pruning_summary(plan: dict) -> dict:

@@ -71,17 +71,25 @@ def image_labels(pipe: Pipeline, n: int | None = None) -> list[int]:
     return labels if n is None else labels[:n]
 
 
-def reference_images(pipe: Pipeline, n: int | None = None, steps: int | None = None) -> np.ndarray:
+def image_latent_size(profile: DeviceProfile) -> int | None:
+    """The image gate samples at the profile's opt latent size (the size the ONNX files are exported and checked
+    at); None = the model's native size. A Stable-Diffusion-sized model decoded at 512 px costs more than 1 GB of
+    activations on top of its weights; a profile with `latent = [min, opt, max]` keeps the gate at opt."""
+    return profile.latent.opt if profile.latent else None
+
+
+def reference_images(pipe: Pipeline, n: int | None = None, steps: int | None = None,
+                     size: int | None = None) -> np.ndarray:
     """Final images for the check's seeds and labels: taken from the dense pipeline before it is pruned in place."""
     from .sampling import DEFAULT_STEPS, sample
 
-    return sample(pipe, image_labels(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy()
+    return sample(pipe, image_labels(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, size=size).numpy()
 
 
 def image_drift_against(ref: np.ndarray, pruned: Pipeline, profile: DeviceProfile, min_psnr_db: float | None = None,
                         n: int | None = None, steps: int | None = None) -> ImageDrift:
     """Dense reference images (reference_images) against the pruned pipeline's, same seeds, labels and noise."""
-    got = reference_images(pruned, n, steps)
+    got = reference_images(pruned, n, steps, image_latent_size(profile))
     gate = profile.min_image_psnr_db if min_psnr_db is None else min_psnr_db
     return ImageDrift.of("image dense vs pruned", ref, got, gate)
 
@@ -102,8 +110,14 @@ def image_drift(dense: Pipeline, pruned: Pipeline, profile: DeviceProfile, min_p
 
 
 def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float | None = None,
-                    log=lambda msg: None, image_checks: int | None = None, image_steps: int | None = None) -> dict:
-    """`tinyprune validate`: the export's drift checks again, on the bundle as it is on disk."""
+                    log=lambda msg: None, image_checks: int | None = None, image_steps: int | None = None,
+                    dense: str | Path | None = None, quality: int | None = None, max_fd_ratio: float | None = None,
+                    min_accuracy: float | None = None) -> dict:
+    """`tinyprune validate`: the export's drift checks again, on the bundle as it is on disk.
+
+    dense: a dense bundle (same source, --sparsity 0) whose torch-free runtime is checked against the dense
+    PyTorch pipeline too; the bundle's own runtime is always checked against the pruned pipeline."""
+    from . import quality_gate, runtime_files
     from .bundle import read_manifest
     from .components import export_spec
     from .config import load_profile
@@ -120,12 +134,27 @@ def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float |
     model_dir = Path(model) if model else demo_dir()
     if tree_sha256(model_dir) != manifest["source"]["sha256"]:
         raise InputError(f"{model_dir} is not the pipeline {bundle} was made from (source sha256 differs)")
+    if dense is not None:
+        dense = runtime_files.check_dense_bundle(dense, manifest)
     # One pipeline in memory at a time: dense images first, then the pruned pipeline, then ONNX sessions.
+    dense_pipe = load_pipeline(model_dir)
     if image_checks != 0:
         log("dense reference images")
-        ref = reference_images(load_pipeline(model_dir), image_checks, image_steps)
+        ref = reference_images(dense_pipe, image_checks, image_steps, image_latent_size(profile))
+    why_not = quality_gate.why_skipped(dense_pipe, quality, is_demo=manifest["source"]["model"] == "demo")
+    if not why_not:
+        log("dense quality samples")
+        dense_q = quality_gate.draw(dense_pipe, quality or quality_gate.DEFAULT_QUALITY_PER_CLASS)
+    del dense_pipe
     log("loading the pruned pipeline")
     pruned = load_pipeline(bundle / "pruned")
+    quality_result = None
+    if not why_not:
+        log("pruned quality samples")
+        pruned_q = quality_gate.draw(pruned, len(dense_q.labels) // pruned.conditioner.config.num_classes)
+        quality_result = quality_gate.judge(dense_q, pruned_q, profile, max_fd_ratio, min_accuracy)
+    else:
+        log(f"quality gates not applied: {why_not}")
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
     if image_checks != 0:
         log("comparing dense and pruned images")
@@ -135,18 +164,28 @@ def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float |
         img_ok, img_dict = True, skipped_image_drift(profile, min_psnr_db)
     log("comparing ONNX with PyTorch")
     refs = torch_references(pruned, xspec, profile)
+    runtime_refs = {"pruned": (bundle, None if image_checks == 0 else runtime_files.torch_e2e_reference(pruned, image_steps, image_checks))}
     del pruned
+    if dense is not None:
+        runtime_refs["dense"] = (dense, None if image_checks == 0 else
+                                 runtime_files.torch_e2e_reference(load_pipeline(model_dir), image_steps, image_checks))
     drifts = ort_drift(refs, bundle)
+    log("comparing the torch-free runtime's images with PyTorch's")
+    runtime_drift = [runtime_files.runtime_check(b, ref, profile, what, image_steps)
+                     for what, (b, ref) in runtime_refs.items()]
     plan = json.loads((bundle / "pruned" / "pruning_plan.json").read_text())
-    ok = all(drifts) and img_ok
+    ok = all(drifts) and img_ok and all(d["ok"] for d in runtime_drift) and (quality_result is None or bool(quality_result))
     result = {
         "bundle": str(bundle), "profile": profile.name, "method": manifest["method"], "pattern": manifest["pattern"],
         "requested_sparsity": manifest["sparsity"],
         "sparsity": {c: round(p["sparsity"], 6) for c, p in plan["components"].items()},
         "speedup_source": speedup_source(profile, manifest["pattern"]),
-        "onnx_drift": [d.to_dict() for d in drifts], "image_drift": img_dict, "ok": ok,
+        "onnx_drift": [d.to_dict() for d in drifts], "image_drift": img_dict, "runtime_drift": runtime_drift,
+        "quality": quality_result.to_dict() if quality_result is not None else None, "ok": ok,
     }
     if not ok:
         failed = [d.name for d in drifts if not d] + ([img_dict["name"]] if not img_ok else [])
-        raise GateFailed(f"drift over tolerance: {', '.join(failed)}", result)
+        failed += [d["name"] for d in runtime_drift if not d["ok"]]
+        failed += quality_result.failures() if quality_result is not None else []
+        raise GateFailed(f"gate failed: {', '.join(failed)}", result)
     return result

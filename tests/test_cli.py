@@ -84,7 +84,7 @@ def test_validate_passes_and_fails_on_gate(bundle, tiny_dir):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["ok"] is True
     r = invoke("validate", out, "--model", tiny_dir, "--min-psnr", 200)
-    assert r.exit_code == 1 and "drift over tolerance: image dense vs pruned" in r.stderr
+    assert r.exit_code == 1 and "gate failed: image dense vs pruned" in r.stderr
     r = invoke("validate", out)
     assert r.exit_code == 2 and "pass --model" in r.stderr
 
@@ -92,7 +92,7 @@ def test_validate_passes_and_fails_on_gate(bundle, tiny_dir):
 def test_export_gate_failure_still_writes_bundle(tiny_dir, tmp_path):
     r = invoke("export", "--model", tiny_dir, "--sparsity", "0.9", "--out", tmp_path / "b", "--min-psnr", 200)
     assert r.exit_code == 1
-    assert "drift over tolerance" in r.stderr
+    assert "gate failed: " in r.stderr
     assert json.loads((tmp_path / "b" / "report" / "report.json").read_text())["ok"] is False
 
 

@@ -1,0 +1,67 @@
+"""Quality gates wired into export / validate / sweep, on the tiny random pipeline (so the figures are poor
+and the accuracy gate fails: that is the failing path, with exact messages)."""
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from cli import app
+from exporter.quality_gate import QualityResult
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _result(pruned_fd, pruned_acc):
+    return QualityResult(n_samples=100, dense_fd=10.0, pruned_fd=pruned_fd, dense_accuracy=0.98,
+                         pruned_accuracy=pruned_acc, psnr_db=math.inf, ssim=1.0, max_fd_ratio=1.1, min_accuracy=0.9)
+
+
+def test_quality_result_gates():
+    assert _result(11.0, 0.95) and _result(11.0, 0.95).fd_ratio == 1.1
+    assert _result(11.5, 0.95).failures() == ["FD ratio 1.150 > 1.1"]
+    assert _result(10.0, 0.85).failures() == ["class accuracy 0.850 < 0.9"]
+    assert not _result(12.0, 0.5)
+    assert _result(10.0, 0.95).to_dict()["psnr_db"] == "inf"
+
+
+def test_export_quality_opt_in_on_other_pipelines(tiny_dir, tmp_path):
+    r = invoke("export", "--model", tiny_dir, "--out", tmp_path / "b", "--quality", 1, "--image-checks", 2,
+               "--max-fd-ratio", 100, "--json")
+    assert r.exit_code == 1
+    assert "gate failed: class accuracy" in r.stderr and "< 0.85" in r.stderr
+    report = json.loads((tmp_path / "b" / "report" / "report.json").read_text())
+    q = report["quality"]
+    assert q["n_samples"] == 10 and q["ok"] is False and q["fd_ratio"] <= 100
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert "report/grid.png" in manifest["files"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "b" / "report" / "grid.png").size[0] > Image.open(tmp_path / "b" / "report" / "grid.png").size[1]
+    assert "## Quality (digit yardstick, 10 samples each" in (tmp_path / "b" / "report" / "report.md").read_text()
+
+
+def test_quality_off_by_default_for_other_pipelines(bundle):
+    _, result = bundle
+    assert result["quality"] is None
+
+
+def test_sweep_table_json_plot(tiny_dir, tmp_path):
+    r = invoke("sweep", "--model", tiny_dir, "--sparsity", "0.5,0.2", "--quality", 1, "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [row["sparsity"] for row in data["rows"]] == [0.2, 0.5]
+    assert [round(row["achieved"], 3) for row in data["rows"]] == [0.2, 0.5]
+    assert data["n_samples"] == 10
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"] == data["rows"]
+    assert (tmp_path / "s" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_bad_list(tiny_dir, tmp_path):
+    r = invoke("sweep", "--model", tiny_dir, "--sparsity", "0.2,1.5", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and r.stderr.strip().endswith("error: --sparsity must be in [0, 1), got 1.5")
+    assert not (tmp_path / "s").exists()
