@@ -12,6 +12,7 @@ What runs (each in its own subprocess, one after the other):
   2:4         the same UNet, magnitude 2:4 through exporter.prune with the data-free layer ranking
               (batches=[]: see the note printed at the end), save, ONNX export of the UNet
   verify      `tinyprune verify` of the export's bundle (checksums + every metadata claim, streamed)
+  images      the image stages alone, after the fixes the first export run led to (see results/sd15_scale.md)
   optimum     the same dense UNet through optimum's ONNX exporter (optimum.exporters.onnx.export with
               its UNetOnnxConfig), in its own venv (optimum-onnx pins transformers<4.58)
 
@@ -143,20 +144,37 @@ def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
             "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
 
 
+def cmd_images(pipe_dir: str) -> dict:
+    """The image stages alone: the dense-vs-pruned gate at the profile's opt latent (what export does now) and
+    PyTorch images at the native 64x64 latent / 512 px with the fused attention (the runtime reference)."""
+    sys.path.insert(0, str(ROOT))
+    from exporter.config import load_profile
+    from exporter.pipeline import load_pipeline
+    from exporter.validate import image_latent_size, reference_images
+
+    st = _Stages()
+    profile = load_profile(str(PROFILE))
+    with st("load"):
+        pipe = load_pipeline(pipe_dir)
+    with st(f"image gate, 1 label, 2 steps, latent {image_latent_size(profile)}"):
+        reference_images(pipe, 1, 2, image_latent_size(profile))
+    with st("PyTorch images, 1 label, 2 steps, native latent 64 (512 px), fused attention"):
+        reference_images(pipe, 1, 2, None)
+    return {"seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+
+
 def cmd_optimum(pipe_dir: str, out_dir: str) -> dict:
     """Runs in the optimum venv: optimum's own exporter on the bare UNet (see main() for why not main_export)."""
-    import optimum
     import torch
     from diffusers import UNet2DConditionModel
     from optimum.exporters.onnx import export
-    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.onnx.model_configs import UNetOnnxConfig
 
     st = _Stages()
     with st("load unet"):
         unet = UNet2DConditionModel.from_pretrained(Path(pipe_dir) / "unet", use_safetensors=True).eval()
-    ctor = TasksManager.get_exporter_config_constructor(model=unet, exporter="onnx", task="semantic-segmentation",
-                                                        model_type="unet", library_name="diffusers")
-    config = ctor(unet.config, int_dtype="int64", float_dtype="fp32")
+    # what optimum's main_export builds for a diffusers pipeline's unet (get_diffusion_models_for_export)
+    config = UNetOnnxConfig(unet.config, task="semantic-segmentation", int_dtype="int64", float_dtype="fp32")
     out = Path(out_dir) / "unet" / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     with st("export unet (optimum)"), torch.no_grad():
@@ -219,7 +237,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/sd15", help="work dir (needs ~25 GB of disk)")
     ap.add_argument("--optimum-python", default="/tmp/optimum-venv/bin/python",
                     help="python of a venv with optimum-onnx + diffusers ('' skips optimum)")
-    ap.add_argument("--only", default="make,export,two_four,verify,optimum", help="comma-separated runs")
+    ap.add_argument("--only", default="make,export,two_four,verify,images,optimum", help="comma-separated runs")
     ap.add_argument("--results", default=str(HERE / "results" / "sd15_scale.json"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -240,6 +258,8 @@ def main() -> int:
         _run("two_four", [py, __file__, "_two_four", str(pipe), str(work / "bundle-2to4")], results, env)
     if "verify" in only:
         _run("verify", [py, "-m", "cli", "verify", str(work / "bundle-magnitude"), "--json"], results, env)
+    if "images" in only:
+        _run("images", [py, __file__, "_images", str(pipe)], results, env)
     if "optimum" in only and args.optimum_python:
         _run("optimum", [args.optimum_python, __file__, "_optimum", str(pipe), str(work / "optimum")], results, env)
     results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
@@ -255,7 +275,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        fn = {"_make": cmd_make, "_two_four": cmd_two_four, "_optimum": cmd_optimum}[sys.argv[1]]
+        fn = {"_make": cmd_make, "_two_four": cmd_two_four, "_images": cmd_images, "_optimum": cmd_optimum}[sys.argv[1]]
         print(json.dumps(fn(*sys.argv[2:])))
         sys.exit(0)
     sys.exit(main())
