@@ -219,7 +219,7 @@ def test_euler_runtime_matches_diffusers_loop(bundle):
 
     out, _ = bundle
     pipe = load_pipeline(out / "pruned")
-    labels, steps, g = [2, 5], 10, 3.0
+    labels, steps, g = [2, 5], 6, 3.0
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
     with torch.inference_mode():
