@@ -29,8 +29,11 @@ state = {"debug": False}
 ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)")
 TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path")
 SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunable weights set to zero, in [0, 1)")
-MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, iterative with L1 recovery)")
-PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores)")
+MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, "
+                         "iterative with L1 recovery) | diff-pruning | ld-pruner | ecodiff (structured: channels and "
+                         "heads removed, pattern channel) | auto (2:4 where the target has sparse tensor cores, else "
+                         "structured)")
+PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores) | channel (set by the structured methods)")
 ScopeOpt = typer.Option("global", "--scope", help="global (one threshold over all layers) | layer (same sparsity per layer)")
 QualityOpt = typer.Option(None, "--quality", help="digit-yardstick samples per class for the FD/accuracy gates (default 10; 0 skips)")
 MaxFdOpt = typer.Option(None, "--max-fd-ratio", help="gate: pruned FD / dense FD at most this (default from the profile)")
@@ -49,6 +52,20 @@ IterationsOpt = typer.Option(None, "--iterations", help="l1-grad: prune steps to
                              "between them (default 4)")
 CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for calibration batches (default: "
                               "data-free, the dense model's own samples)")
+
+
+TargetMacsOpt = typer.Option(None, "--target-macs", help="structured: fraction of the dense UNet's MACs to keep, in "
+                             "(0, 1]; replaces --sparsity as the target")
+LatencyAwareOpt = typer.Option(False, "--latency-aware", help="structured: weigh each group by its measured "
+                               "onnxruntime CPU time (or MACs, --cost-model macs) instead of its parameters")
+CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aware: ort (measured) | macs")
+RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
+                                  "distillation (--recovery-steps steps, default 0 = none)")
+
+
+def _structured(target_macs, latency_aware, cost_model, recovery_minutes) -> dict:
+    return {"target_macs": target_macs, "latency_aware": latency_aware, "cost_model": cost_model,
+            "recovery_minutes": recovery_minutes}
 
 
 def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration) -> dict:
@@ -155,6 +172,10 @@ def export(
     recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
     calibration: Optional[Path] = CalibrationOpt,
+    target_macs: Optional[float] = TargetMacsOpt,
+    latency_aware: bool = LatencyAwareOpt,
+    cost_model: Optional[str] = CostModelOpt,
+    recovery_minutes: Optional[float] = RecoveryMinutesOpt,
     quality: Optional[int] = QualityOpt,
     max_fd_ratio: Optional[float] = MaxFdOpt,
     min_accuracy: Optional[float] = MinAccOpt,
@@ -165,7 +186,9 @@ def export(
 
     run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
         force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
-        show=show_export, tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration), quality=quality,
+        show=show_export, tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
+                                      structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
+        quality=quality,
         max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
 
 
@@ -186,13 +209,19 @@ def prune(
     recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
     calibration: Optional[Path] = CalibrationOpt,
+    target_macs: Optional[float] = TargetMacsOpt,
+    latency_aware: bool = LatencyAwareOpt,
+    cost_model: Optional[str] = CostModelOpt,
+    recovery_minutes: Optional[float] = RecoveryMinutesOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
     from exporter.export import prune_to_dir
 
     run(prune_to_dir, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, log=log, as_json=as_json, tuning=_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
+        force, log=log, as_json=as_json,
+        tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
+                    structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
         show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
                                  + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
 

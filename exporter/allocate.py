@@ -242,7 +242,7 @@ def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Targe
     if need <= 0:
         return {g.path: torch.arange(g.units) for g in groups}
     if scope == "layer":
-        counts = _uniform(groups, gain, limit, need)
+        counts = _uniform(groups, gain, limit, need, norm, order)
     else:
         cost = costs or gain
         cands = []
@@ -269,9 +269,12 @@ def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Targe
     return {g.path: order[g.path][counts[g.path]:].sort().values for g in groups}
 
 
-def _uniform(groups, gain, limit, need) -> dict[str, int]:
+def _uniform(groups, gain, limit, need, norm, order) -> dict[str, int]:
+    """The largest common fraction of units under the target, then one more unit (the least important
+    next one, in group order of score) from groups until the target is met: fractions differ by at most
+    one unit."""
     def take(frac):
-        return {g.path: min(limit[g.path], math.floor(frac * g.units + 0.5)) for g in groups}
+        return {g.path: min(limit[g.path], math.floor(frac * g.units)) for g in groups}
 
     lo, hi = 0.0, 1.0
     for _ in range(50):
@@ -280,7 +283,18 @@ def _uniform(groups, gain, limit, need) -> dict[str, int]:
             hi = mid
         else:
             lo = mid
-    return take(hi)
+    counts = take(lo)
+    done = sum(gain[p] * n for p, n in counts.items())
+    extra = sorted((float(norm[g.path][order[g.path][counts[g.path]]]), g.path) for g in groups
+                   if counts[g.path] < limit[g.path])
+    for _, path in extra:
+        if done >= need:
+            break
+        if done + gain[path] - need > need - done:  # the closer side of the target
+            continue
+        counts[path] += 1
+        done += gain[path]
+    return counts
 
 
 def removed_params(groups: list[Group], keep: dict[str, torch.Tensor]) -> int:

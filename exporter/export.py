@@ -94,8 +94,12 @@ def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, 
     profile = load_profile(target)
     tuning = dict(tuning or {})  # raw CLI values of the l1-grad / recovery options, None = default
     calibration = tuning.pop("calibration", None)
+    from .config import StructuredSpec
+
+    structured = StructuredSpec.parse(**(tuning.pop("structured", None) or {}))  # structured methods' options
     spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile,
-                                      l1grad=L1GradSpec.parse(**tuning), calibration=calibration)
+                                      l1grad=L1GradSpec.parse(**tuning), calibration=calibration,
+                                      structured=structured)
     for n in notices:
         log(f"notice: {n}")
     check_out_dir(out, force)  # before minutes of work, not after
@@ -183,7 +187,8 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 # rejects "2:4" on a file without a single 2:4 tensor
                 pattern = spec.pattern if comp.source in plan["components"] else "none"
                 stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
-                                           dict(meta, pattern=pattern))
+                                           dict(meta, pattern=pattern,
+                                                params_dense=plan["components"].get(comp.source, {}).get("params_dense")))
             tensors = json.loads(stamped["tinyprune.tensors"])
             components[comp.name] = {
                 "file": f"{comp.name}/model.onnx",

@@ -65,11 +65,20 @@ def global_sparsity(figures: dict[str, dict]) -> float:
 
 
 def sparsity_metadata(model: onnx.ModelProto, *, version: str, component: str, method: str, pattern: str,
-                      profile: str, source_sha256: str, base_dir: str = "") -> dict[str, str]:
+                      profile: str, source_sha256: str, base_dir: str = "",
+                      params_dense: int | None = None) -> dict[str, str]:
+    """params_dense (channel pruning): the dense model's prunable parameters; the file then also claims
+    tinyprune.params (its own prunable initializer elements, recomputable) and tinyprune.params_removed
+    (1 - params / params_dense). Removed channels leave no zeros, so tinyprune.sparsity stays 0 there."""
     figures = tensor_figures(model, base_dir)
     tensors = {name: {"sparsity": f["sparsity"], "pattern": f["pattern"], "axis": f["axis"]}
                for name, f in figures.items() if f["zeros"]}
-    return {
+    extra = {}
+    if params_dense:
+        params = sum(f["numel"] for f in figures.values())
+        extra = {PREFIX + "params_dense": str(int(params_dense)), PREFIX + "params": str(params),
+                 PREFIX + "params_removed": f"{1 - params / params_dense:.6f}"}
+    return extra | {
         PREFIX + "version": version,
         PREFIX + "component": component,
         PREFIX + "method": method,
@@ -122,6 +131,18 @@ def check_claims(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
     undeclared = [n for n, f in figures.items() if f["zeros"] and n not in tensors]
     if undeclared:
         problems.append(f"{len(undeclared)} sparse tensors missing from tinyprune.tensors, e.g. {undeclared[0]}")
+    if PREFIX + "params" in meta:  # channel pruning: the parameter count the file claims, recomputed
+        params = sum(f["numel"] for f in figures.values())
+        try:
+            claimed_params, dense = int(meta[PREFIX + "params"]), int(meta.get(PREFIX + "params_dense", "0"))
+            removed = float(meta.get(PREFIX + "params_removed", "nan"))
+        except ValueError:
+            return problems + ["tinyprune.params / params_dense / params_removed are not numbers"]
+        if claimed_params != params:
+            problems.append(f"tinyprune.params claims {claimed_params}, the file holds {params} prunable weights")
+        if dense <= 0 or abs(removed - (1 - params / dense)) > 1e-6:
+            problems.append(f"tinyprune.params_removed claims {removed}, 1 - params/params_dense is "
+                            f"{(1 - params / dense) if dense > 0 else float('nan'):.6f}")
     pattern = meta.get(PREFIX + "pattern")
     if pattern == "2:4" and not any(f["pattern"] == "2:4" for f in figures.values()):
         problems.append("tinyprune.pattern is 2:4 but no tensor is 2:4")

@@ -107,7 +107,24 @@ def _load_component(cls, root: Path, name: str):
         raise
     except Exception as e:  # diffusers raises many kinds for a truncated or mismatched file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "expected shape" in first or "size mismatch" in first:
+            raise InputError(f"{sub}: weights do not fit the shapes its config.json builds: a channel-pruned "
+                             f"UNet needs its structure.json, which is missing ({first[:160]})") from None
         raise InputError(f"{sub}: weights could not be loaded, corrupt or truncated? ({first[:200]})") from None
+
+
+def _load_structured_unet(sub: Path):
+    """A channel-pruned UNet (tinyprune --method diff-pruning|ld-pruner|ecodiff): config.json builds the
+    dense shapes, structure.json shrinks them, then the safetensors weights load strictly (no pickle)."""
+    from .groups import load_structured_unet
+
+    _read_json(sub / "config.json")
+    _check_weights(sub)
+    try:
+        return load_structured_unet(sub)
+    except Exception as e:
+        raise InputError(f"{sub}: channel-pruned UNet could not be rebuilt from structure.json and its weights "
+                         f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def load_pipeline(model_dir: str | Path) -> Pipeline:
@@ -132,7 +149,10 @@ def load_pipeline(model_dir: str | Path) -> Pipeline:
     if sched_cfg.get("_class_name") not in SCHEDULERS:
         raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}; "
                          f"supported: {', '.join(SCHEDULERS)}")
-    unet = _load_component(UNet2DConditionModel, root, "unet")
+    if (root / "unet" / "structure.json").is_file():  # channel-pruned: shapes from unet/structure.json
+        unet = _load_structured_unet(root / "unet")
+    else:
+        unet = _load_component(UNet2DConditionModel, root, "unet")
     vae = _load_component(AutoencoderKL, root, "vae")
     conditioner = _load_component(ClassEmbedder, root, "class_embedder")
     return Pipeline(unet, vae, DDIMScheduler.from_config(sched_cfg), conditioner, index, root).eval()
@@ -141,6 +161,10 @@ def load_pipeline(model_dir: str | Path) -> Pipeline:
 def save_pipeline(pipe: Pipeline, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
+    if getattr(pipe.unet, "tinyprune_structure", None):  # channel-pruned: the shapes reload needs
+        from .groups import save_structure
+
+        save_structure(pipe.unet, out / "unet")
     pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
     pipe.conditioner.save_pretrained(out / "class_embedder", safe_serialization=True)
     pipe.scheduler.save_pretrained(out / "scheduler")

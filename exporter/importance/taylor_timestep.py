@@ -22,9 +22,10 @@ DEFAULT_STRIDE = 20
 
 
 def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold: float = DEFAULT_THRESHOLD,
-                    stride: int = DEFAULT_STRIDE, log=lambda msg: None, info: dict | None = None
+                    stride: int | None = None, log=lambda msg: None, info: dict | None = None
                     ) -> dict[str, torch.Tensor]:
     """{group path: importance per unit}; `info` (a dict) receives the timesteps used and their losses."""
+    stride = DEFAULT_STRIDE if stride is None else stride
     params = {id(p): p for g in groups for p, _, _ in unit_params(unet, g)}
     all_params = list(unet.parameters())
     was = [p.requires_grad for p in all_params]
@@ -43,8 +44,9 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
                 tt = torch.full((len(b.x0),), t, dtype=torch.long)
                 x_t = scheduler.add_noise(b.x0, b.noise, tt)
                 loss = F.mse_loss(unet(x_t, tt, encoder_hidden_states=b.context).sample, b.noise)
-                (loss * len(b.x0) / n).backward()
-                loss_t += float(loss) * len(b.x0) / n
+                if loss.requires_grad:  # (no group parameters: only the losses are wanted)
+                    (loss * len(b.x0) / n).backward()
+                loss_t += float(loss.detach()) * len(b.x0) / n
             used.append((t, round(loss_t, 6)))
             loss_max = max(loss_max, loss_t)
             if loss_t < threshold * loss_max:

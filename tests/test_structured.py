@@ -1,0 +1,201 @@
+"""Structured methods end to end on the tiny pipeline: targets hit, plan, save -> load -> ONNX, config, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.allocate import Target, allocate, count_macs, removed_params, unit_macs, token_counts
+from exporter.calibration import CalibrationSet
+from exporter.config import PruneSpec, StructuredSpec, load_profile
+from exporter.errors import InputError
+from exporter.groups import find_groups, prunable_params
+from exporter.pipeline import tiny_pipeline
+from exporter.structured import prune_structured
+
+torch.set_num_threads(2)
+CPU = load_profile("x86-cpu")
+FAST = {"diff-pruning": {"stride": 250}, "ld-pruner": {"chunk": 16},
+        "ecodiff": {"iterations": 2, "steps": 2, "batch": 2, "trajectories": 1}}
+
+
+def _batches(pipe, n=8):
+    g = torch.Generator().manual_seed(0)
+    return CalibrationSet(torch.randn(n, 4, 8, 8, generator=g), torch.arange(n) % 10, "test").batches(pipe, n)
+
+
+def _spec(method, sparsity=0.43, **structured):
+    spec, _ = PruneSpec.resolve(method, sparsity, "unstructured", "global", False, CPU,
+                                structured=StructuredSpec.parse(**structured))
+    return spec
+
+
+@pytest.mark.parametrize("method", ["diff-pruning", "ld-pruner", "ecodiff"])
+def test_each_method_hits_the_parameter_fraction(method):
+    pipe = tiny_pipeline(seed=0)
+    dense = prunable_params(pipe.unet)
+    plan = prune_structured(pipe, _spec(method), _batches(pipe), score_options=FAST[method])
+    u = plan["components"]["unet"]
+    assert plan["pattern"] == "channel" and u["params_dense"] == dense
+    assert u["params"] == prunable_params(pipe.unet)
+    assert abs(u["params_removed"] - 0.43) <= 0.01, u["params_removed"]
+    assert u["macs"] < u["macs_dense"]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # still a working UNet of the same interface
+        assert pipe.unet(x, torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 1, 32)).sample.shape == x.shape
+
+
+class _Identity(torch.nn.Module):
+    """Predicts epsilon as x_t itself: its loss falls as t grows (x_t -> noise), like a trained model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=x * self.w)
+
+
+def test_diff_pruning_stops_at_the_threshold():
+    from exporter.importance.taylor_timestep import taylor_timestep
+
+    pipe = tiny_pipeline(seed=0)
+    info = {}
+    taylor_timestep(_Identity(), [], _batches(pipe, 4), scheduler=pipe.scheduler, stride=50, threshold=0.05,
+                    info=info)
+    losses = info["losses"]
+    assert info["timesteps"] == list(range(0, 50 * len(losses), 50)) and len(losses) < 20
+    assert losses[-1] < 0.05 * max(losses) and all(l >= 0.05 * max(losses) for l in losses[:-1])
+    pipe = tiny_pipeline(seed=0)  # on a real UNet: scores per unit, gradients released
+    groups = find_groups(pipe.unet)
+    scores = taylor_timestep(pipe.unet, groups, _batches(pipe, 2), scheduler=pipe.scheduler, stride=500)
+    assert all(scores[g.path].shape == (g.units,) and (scores[g.path] >= 0).all() for g in groups)
+    assert all(p.grad is None for p in pipe.unet.parameters())
+
+
+def test_allocation_targets():
+    pipe = tiny_pipeline(seed=0)
+    groups = find_groups(pipe.unet)
+    g = torch.Generator().manual_seed(0)
+    scores = {gr.path: torch.rand(gr.units, generator=g) for gr in groups}
+    total = prunable_params(pipe.unet)
+    for scope in ("global", "layer"):
+        keep = allocate(groups, scores, Target("params", 0.3 * total), scope=scope)
+        assert abs(removed_params(groups, keep) / total - 0.3) < 0.01
+    keep = allocate(groups, scores, Target("params", 0.3 * total), scope="layer")
+    fractions = [1 - len(keep[gr.path]) / gr.units for gr in groups]
+    assert min(fractions) > 0 and max(fractions) - min(fractions) <= 2 / 8  # one fraction, up to whole units
+    macs = unit_macs(pipe.unet, groups, token_counts(pipe.unet, groups))
+    m0 = count_macs(pipe.unet)
+    keep = allocate(groups, scores, Target("macs", 0.6 * m0), macs=macs, macs_total=m0)
+    removed = sum((gr.units - len(keep[gr.path])) * macs[gr.path] for gr in groups)
+    assert m0 - removed <= 0.6 * m0 * 1.02
+    keep = allocate(groups, scores, Target("params", 0.0))
+    assert all(len(keep[gr.path]) == gr.units for gr in groups)
+
+
+def test_target_macs_and_latency_aware_by_macs():
+    pipe = tiny_pipeline(seed=0)
+    plan = prune_structured(pipe, _spec("diff-pruning", target_macs=0.5, latency_aware=True, cost_model="macs"),
+                            _batches(pipe), score_options=FAST["diff-pruning"])
+    u = plan["components"]["unet"]
+    assert u["macs"] <= 0.5 * u["macs_dense"] * 1.02 and u["allocation"]["cost"] == "MACs"
+    assert u["macs"] == count_macs(pipe.unet)
+
+
+def test_ort_cost_table_covers_groups():
+    from exporter.allocate import ort_cost_table
+
+    pipe = tiny_pipeline(seed=0)
+    groups = find_groups(pipe.unet)
+    table = ort_cost_table(pipe.unet, groups, runs=3)
+    assert set(table) == {g.path for g in groups} and all(v > 0 for v in table.values())
+
+
+def test_config_resolution():
+    spec, notes = PruneSpec.resolve("auto", 0.43, "unstructured", "global", False, CPU)
+    assert (spec.method, spec.pattern) == ("diff-pruning", "channel") and "auto" in notes[0]
+    spec, _ = PruneSpec.resolve("auto", 0.43, "unstructured", "global", False, load_profile("jetson-orin-nano"))
+    assert spec.pattern == "2:4" and spec.method in ("l1-grad", "magnitude")
+    spec, _ = PruneSpec.resolve("ld-pruner", 0.43, "auto", "global", False, load_profile("jetson-orin-nano"))
+    assert spec.pattern == "channel" and spec.needs_calibration
+    with pytest.raises(InputError, match="2:4 needs"):
+        PruneSpec.resolve("ecodiff", 0.43, "2:4", "global", False, load_profile("jetson-orin-nano"))
+    with pytest.raises(InputError, match="structured method"):
+        PruneSpec.resolve("magnitude", 0.43, "channel", "global", False, CPU)
+    with pytest.raises(InputError, match="UNet only"):
+        PruneSpec.resolve("diff-pruning", 0.43, "unstructured", "global", True, CPU)
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(InputError, match="target-macs"):
+            StructuredSpec.parse(target_macs=bad)
+    with pytest.raises(InputError, match="cost-model"):
+        StructuredSpec.parse(cost_model="flops")
+
+
+def test_save_load_export_round_trip(tmp_path):
+    import onnx
+
+    from exporter.components import UNET, export_spec
+    from exporter.onnx_export import MAX_EXPORT_OPSET, export_component
+    from exporter.onnx_sparsity import PREFIX, check_claims, read_metadata
+    from exporter.pipeline import load_pipeline, save_pipeline
+    from exporter.runners import OrtRunner, TorchRunner
+
+    pipe = tiny_pipeline(seed=0)
+    plan = prune_structured(pipe, _spec("diff-pruning"), _batches(pipe, 2), score_options=FAST["diff-pruning"])
+    save_pipeline(pipe, tmp_path / "pruned")
+    back = load_pipeline(tmp_path / "pruned")
+    feed = UNET.dummy_feed(back, 2, 8, seed=3)
+    ref = TorchRunner(UNET.module(pipe), UNET.inputs, UNET.outputs)
+    got = TorchRunner(UNET.module(back), UNET.inputs, UNET.outputs)
+    with ref, got:
+        a, b = ref(feed)["out_sample"], got(feed)["out_sample"]
+    assert np.array_equal(a, b)  # save -> load: zero difference
+    xspec = export_spec(back, CPU, MAX_EXPORT_OPSET)
+    path = tmp_path / "unet" / "model.onnx"
+    u = plan["components"]["unet"]
+    meta = {"version": "0", "method": "diff-pruning", "pattern": "channel", "profile": CPU.name, "source_sha256": "x",
+            "params_dense": u["params_dense"]}
+    stamped = export_component(back, UNET, xspec, path, meta)
+    with OrtRunner(path) as ort_runner:
+        onnx_out = ort_runner(feed)["out_sample"]
+    assert np.abs(onnx_out - b).max() <= UNET.tolerance(CPU)
+    assert stamped[PREFIX + "pattern"] == "channel" and stamped[PREFIX + "sparsity"] == "0.000000"
+    assert int(stamped[PREFIX + "params"]) == u["params"]
+    assert float(stamped[PREFIX + "params_removed"]) == pytest.approx(u["params_removed"], abs=1e-6)
+    model = onnx.load(str(path))
+    assert check_claims(model) == [] and read_metadata(model)[PREFIX + "params_dense"] == str(u["params_dense"])
+    for p in model.metadata_props:
+        if p.key == PREFIX + "params_removed":
+            p.value = "0.600000"
+    assert any("params_removed" in m for m in check_claims(model))
+
+
+def test_cli_prune_structured(tiny_dir, tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli import app
+    from exporter.pipeline import load_pipeline
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr("exporter.importance.taylor_timestep.DEFAULT_STRIDE", 250)  # 4 timesteps: a fast test
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "pruned"
+    r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "diff-pruning", "--sparsity", "0.3",
+                                 "--target", "x86-cpu", "--calibration", str(images), "--out", str(out), "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert abs(json.loads(r.stdout)["sparsity"]["unet"] - 0.3) <= 0.01
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["pattern"] == "channel" and (out / "unet" / "structure.json").is_file()
+    assert prunable_params(load_pipeline(out).unet) == plan["components"]["unet"]["params"]
+    r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "magnitude", "--pattern", "channel",
+                                 "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "structured method" in r.stderr
