@@ -35,7 +35,7 @@ def _spec(method, sparsity=0.43, **structured):
 def test_each_method_hits_the_parameter_fraction(method):
     pipe = tiny_pipeline(seed=0)
     dense = prunable_params(pipe.unet)
-    plan = prune_structured(pipe, _spec(method), _batches(pipe), score_options=FAST[method])
+    plan = prune_structured(pipe, _spec(method), _batches(pipe, 4), score_options=FAST[method])
     u = plan["components"]["unet"]
     assert plan["pattern"] == "channel" and u["params_dense"] == dense
     assert u["params"] == prunable_params(pipe.unet)

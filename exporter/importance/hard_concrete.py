@@ -111,7 +111,7 @@ def hard_concrete(unet, groups: list[Group], batches, *, scheduler, null_context
                 loss.backward()
                 opt.step()
                 done += 1
-                history.append((round(float(fit), 6), round(float(expected), 4)))
+                history.append((round(float(fit.detach()), 6), round(float(expected.detach()), 4)))
     finally:
         for p, r in zip(params, was):
             p.requires_grad_(r)
