@@ -18,7 +18,9 @@ What runs (each in its own subprocess, one after the other):
 
 How memory is measured, per stage: the kernel's peak RSS of the process (VmHWM from /proc/self/status),
 reset at the start of each stage by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and read at its end;
-per subprocess: ru_maxrss from wait4. RSS counts resident file-backed pages too (mmapped weights).
+per subprocess: ru_maxrss from wait4, which after such resets only reflects the last stage's peak, so the
+"whole process" row takes the max of it and every stage's peak. RSS counts resident file-backed pages too
+(weights are mmapped from safetensors at load and become resident as they are touched).
 """
 
 from __future__ import annotations
@@ -225,10 +227,12 @@ def _table(results: dict) -> str:
                 continue
             lines.append(f"| {run} | {stage} | {secs:.1f} | {peak / 1024:.2f} | {peak / weights:.2f} | "
                          f"{'yes' if peak <= goal else 'NO'} |")
-        lines.append(f"| {run} | **whole process** (ru_maxrss), exit {entry['exit_code']}, CPU {entry.get('cpu_s', 0):.0f} s "
-                     f"| {entry['wall_s']:.1f} | "
-                     f"{entry['max_rss_mb'] / 1024:.2f} | {entry['max_rss_mb'] / weights:.2f} | "
-                     f"{'yes' if entry['max_rss_mb'] <= goal else 'NO'} |")
+        # ru_maxrss alone is not the whole process's peak here: the kernel derives it from the peak counter that
+        # the per-stage resets restart, so it reports the last stage's peak; take the max with the stages'.
+        peak = max([entry["max_rss_mb"], *(res.get("peak_rss_mb") or {}).values()])
+        lines.append(f"| {run} | **whole process**, exit {entry['exit_code']}, CPU {entry.get('cpu_s', 0):.0f} s "
+                     f"| {entry['wall_s']:.1f} | {peak / 1024:.2f} | {peak / weights:.2f} | "
+                     f"{'yes' if peak <= goal else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -254,6 +258,10 @@ def main() -> int:
         _run("export", [py, "-m", "cli", "export", "--model", str(pipe), "--sparsity", "0.43", "--target", str(PROFILE),
                         "--image-checks", "1", "--image-steps", "2", "--out", str(work / "bundle-magnitude"),
                         "--force", "--json"], results, env)
+    if "export_nocheck" in only:  # the export again with every image gate off: the stages' memory without sampling
+        _run("export_nocheck", [py, "-m", "cli", "export", "--model", str(pipe), "--sparsity", "0.43", "--target",
+                                str(PROFILE), "--image-checks", "0", "--out", str(work / "bundle-magnitude-nocheck"),
+                                "--force", "--json"], results, env)
     if "two_four" in only:
         _run("two_four", [py, __file__, "_two_four", str(pipe), str(work / "bundle-2to4")], results, env)
     if "verify" in only:
