@@ -18,6 +18,8 @@ the data-free ranking by the fraction of weight energy the 2:4 mask removes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .masks import NM_AXIS, n_of_m, nm_eligible
@@ -70,22 +72,48 @@ def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dic
         if reason:
             decisions[name] = {"pattern": "none", "reason": reason}
         else:
-            candidates[name] = n_of_m(scores[name])
+            candidates[name] = None
+    # Masks are made on access: without calibration data (the data-free ranking, the only one affordable at
+    # Stable Diffusion size on a CPU) the chosen masks are also handed to baking one layer at a time, instead
+    # of holding a bool mask per eligible layer (0.86 GB for an SD-1.5 UNet).
+    candidates = _LazyMasks(list(candidates), scores)
     if batches:
         _, sens = sensitivity(model, weights, candidates, batches, forward)
         key = "sensitivity"
     else:
         sens = {name: energy_lost(weights[name], m) for name, m in candidates.items()}
         key = "energy_lost"
-    masks, budget = {}, round(sparsity * total)
+    chosen, budget = [], round(sparsity * total)
     order = sorted(candidates, key=lambda n: (sens[n], n))
     for rank, name in enumerate(order):
         half = weights[name].numel() // 2
         entry = {key: round(sens[name], 8), "rank": rank}
         if half <= budget:
-            masks[name] = candidates[name]
+            chosen.append(name)
             budget -= half
             decisions[name] = {"pattern": "2:4", **entry}
         else:
             decisions[name] = {"pattern": "none", "reason": "target sparsity reached", **entry}
-    return masks, decisions
+    picked = set(chosen)
+    chosen = [name for name in candidates if name in picked]  # model order, as before
+    if batches:  # recovery may follow and changes the weights the lazy masks would be made from: fix them now
+        return {name: n_of_m(scores[name]) for name in chosen}, decisions
+    return _LazyMasks(chosen, scores), decisions
+
+
+class _LazyMasks(Mapping):
+    """{name: 2:4 mask of scores[name]}, made on each access; read each before its layer is baked."""
+
+    def __init__(self, names: list[str], scores):
+        self._names, self._scores = names, scores
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return n_of_m(self._scores[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
