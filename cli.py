@@ -447,13 +447,15 @@ def bench(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="profile whose latency budgets apply (default: the bundle's)"),
     no_generation: bool = typer.Option(False, "--no-generation", help="components only"),
+    no_memory: bool = typer.Option(False, "--no-memory", help="skip the peak-memory probes (one subprocess per row)"),
     as_json: bool = JsonOpt,
 ):
     """Latency p50/p90/mean and peak memory per component and per generation; exit 1 over the profile's budgets."""
     from exporter.bench import bench as do_bench
 
     run(do_bench, bundle, backend, warmup, iters, gen_iters, steps, threads, compare, dense,
-        str(model) if model else None, target, not no_generation, log=log, as_json=as_json, show=show_bench)
+        str(model) if model else None, target, not no_generation, not no_memory, log=log, as_json=as_json,
+        show=show_bench)
 
 
 def _terminated(signum, frame):

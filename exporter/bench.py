@@ -9,11 +9,11 @@
 * --compare: the dense model side by side in one run, iterations interleaved (ABBA order) so that a noisy,
   shared machine slows both alike. Dense = a given dense bundle, or the bundle's source pipeline exported to
   a temporary dir here (ONNX backends) or loaded as it is (torch backends).
-* Memory: per model and row, a separate pass (activate, run once) measures the process's peak-RSS increase
-  (Linux VmHWM, reset through /proc/self/clear_refs; no psutil) and, on torch-cuda, torch's max allocated.
-  In-process figures: memory freed earlier may be reused, so they are lower bounds of a cold start. ONNX
-  backends: session creation (the weights) is inside the block; torch backends: the pipeline is loaded before,
-  so the figure is what running adds.
+* Memory: per model and row, a fresh process (python -m exporter.bench PROBE) activates the row's runner(s) and
+  runs once; the figure is its peak-RSS increase over that (Linux VmHWM, reset through /proc/self/clear_refs;
+  no psutil) and, on torch-cuda, torch's max allocated. ONNX backends: the libraries are imported before, so the
+  session (its copy of the weights, its arena) and one run are inside; torch backends: the pipeline is loaded
+  before, so the figure is what running adds. --no-memory skips the probes.
 * Budgets: the profile's latency_budget_ms (unet, generation) against the pruned model's p50: GateFailed
   (exit 1) when over.
 """
@@ -250,22 +250,97 @@ def _interleaved(jobs: dict[str, callable], warmup: int, iters: int, sync) -> di
     return times
 
 
-def _measure_memory(models, make_job, backend) -> dict[str, PeakMemory]:
-    """One model at a time: activate, run once, deactivate, with the peak over that block."""
+def component_job(m: "Model", comp: str, feed: dict, backend: str, threads: int):
+    """(call, close) for one component of one model, activated."""
+    r = m.runner(comp, backend, threads)
+    r.activate()
+    return (lambda: r(feed)), r.deactivate
+
+
+def generation_job(m: "Model", backend: str, threads: int, steps: int, sync, step_times: list | None = None):
+    """(call, close): one whole generation (1 image, DDIM) through the runtime's loop; per-step durations are
+    appended to step_times."""
+    from .runtime import Runtime
+
+    runners = {c: m.runner(c, backend, threads) for c in ("unet", "vae_decoder")}
+    rt = Runtime(m.runtime_dir, backend, threads, runners=runners)
+    rt.activate()
+    stamps = []
+
+    def cb(done, total):
+        sync()
+        stamps.append(time.perf_counter())
+
+    def job():
+        stamps.clear()
+        t0 = time.perf_counter()
+        rt.generate([0], seed=0, steps=steps, scheduler="ddim", callback=cb)
+        if step_times is not None:
+            marks = [t0] + stamps
+            step_times.extend(b - a for a, b in zip(marks, marks[1:]))
+
+    return job, rt.deactivate
+
+
+def _probe_spec(m: "Model", what: str, backend: str, threads: int, steps: int) -> dict:
+    return {"name": m.name, "onnx_dir": str(m.onnx_dir) if m.onnx_dir else None,
+            "pipeline_dir": str(m.pipeline_dir) if m.pipeline_dir else None,
+            "runtime_dir": str(m.runtime_dir) if m.runtime_dir else None, "manifest": m.manifest,
+            "what": what, "backend": backend, "threads": threads, "steps": steps}
+
+
+def probe_memory(spec: dict) -> dict:
+    """In a fresh process (python -m exporter.bench PROBE_JSON): load what the backend needs first (libraries; for
+    torch the pipeline's weights), then the peak-RSS increase of activating and running the row's job once."""
+    backend = spec["backend"]
+    m = Model(spec["name"], Path(spec["onnx_dir"]) if spec["onnx_dir"] else None,
+              Path(spec["pipeline_dir"]) if spec["pipeline_dir"] else None, spec["manifest"],
+              Path(spec["runtime_dir"]) if spec["runtime_dir"] else None)
+    if backend in ONNX_BACKENDS:
+        from .runtime import ort_providers
+
+        ort_providers()  # import onnxruntime before the baseline
+        if backend == "trt":
+            import tensorrt  # noqa: F401
+    else:
+        m.pipe()
+    sync = _sync(backend)
+    with PeakMemory(cuda=backend == "torch-cuda") as pm:
+        if spec["what"] == "generation":
+            job, close = generation_job(m, backend, spec["threads"], spec["steps"], sync)
+        else:
+            job, close = component_job(m, spec["what"], component_feed(spec["manifest"], spec["what"]), backend,
+                                       spec["threads"])
+        job()
+        sync()
+    close()
+    return {"rss_mb": pm.rss_mb, "cuda_mb": pm.cuda_mb}
+
+
+def _measure_memory(models, what: str, backend: str, threads: int, steps: int, enabled: bool) -> dict[str, dict]:
+    """{model name: {"rss_mb", "cuda_mb"}}, each from its own subprocess, so that one row's freed memory is not
+    reused by the next (in-process figures after the first would read near zero)."""
+    import subprocess
+    import sys
+
     mem = {}
     for m in models:
-        with PeakMemory(cuda=backend == "torch-cuda") as pm:
-            job, close = make_job(m)
-            job()
-            close()
-        mem[m.name] = pm
-        gc.collect()
+        if not enabled:
+            mem[m.name] = {"rss_mb": None, "cuda_mb": None}
+            continue
+        spec = json.dumps(_probe_spec(m, what, backend, threads, steps))
+        proc = subprocess.run([sys.executable, "-m", "exporter.bench", spec], capture_output=True, text=True,
+                              timeout=900)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"memory probe of {m.name} {what} failed: {last}")
+        mem[m.name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return mem
 
 
 def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: int = 20, gen_iters: int = 3,
           steps: int = 20, threads: int = 0, compare: bool = False, dense: str | Path | None = None,
-          model: str | None = None, target: str | None = None, generation: bool = True,
+          model: str | None = None, target: str | None = None, generation: bool = True, memory: bool = True,
           log=lambda msg: None) -> dict:
     from .bundle import read_manifest
     from .config import load_profile
@@ -314,13 +389,8 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
             log(f"{comp}: {backend}, shape {shape}, {warmup} warm-up + {iters} iterations" +
                 (" (dense and pruned interleaved)" if compare else ""))
 
-            def make_job(m, comp=comp, feed=feed):
-                r = m.runner(comp, backend, threads)
-                r.activate()
-                return (lambda: r(feed)), r.deactivate
-
-            mem = _measure_memory(models, make_job, backend)
-            opened = {m.name: make_job(m) for m in models}
+            mem = _measure_memory(models, comp, backend, threads, steps, memory)
+            opened = {m.name: component_job(m, comp, feed, backend, threads) for m in models}
             try:
                 times = _interleaved({n: job for n, (job, _) in opened.items()}, warmup, iters, sync)
             finally:
@@ -328,37 +398,13 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
                     close()
             for m in models:
                 rows.append({"model": m.name, "what": comp, "shape": shape, **stats_ms(times[m.name]),
-                             "peak_rss_mb": mem[m.name].rss_mb, "cuda_peak_mb": mem[m.name].cuda_mb})
+                             "peak_rss_mb": mem[m.name]["rss_mb"], "cuda_peak_mb": mem[m.name]["cuda_mb"]})
 
         if generation:
             log(f"generation: {steps} steps x UNet + VAE decode, 1 image, {gen_iters} iterations")
             step_times = {m.name: [] for m in models}
-
-            def make_gen(m):
-                from .runtime import Runtime
-
-                runners = {c: m.runner(c, backend, threads) for c in ("unet", "vae_decoder")}
-                rt = Runtime(m.runtime_dir, backend, threads, runners=runners)
-                rt.activate()
-                stamps = []
-
-                def cb(done, total):
-                    sync()
-                    stamps.append(time.perf_counter())
-
-                def job():
-                    stamps.clear()
-                    t0 = time.perf_counter()
-                    rt.generate([0], seed=0, steps=steps, scheduler="ddim", callback=cb)
-                    marks = [t0] + stamps
-                    step_times[m.name].extend(b - a for a, b in zip(marks, marks[1:]))
-
-                return job, rt.deactivate
-
-            mem = _measure_memory(models, make_gen, backend)
-            for v in step_times.values():
-                v.clear()
-            opened = {m.name: make_gen(m) for m in models}
+            mem = _measure_memory(models, "generation", backend, threads, steps, memory)
+            opened = {m.name: generation_job(m, backend, threads, steps, sync, step_times[m.name]) for m in models}
             try:
                 times = _interleaved({n: job for n, (job, _) in opened.items()}, min(warmup, 1), gen_iters, sync)
             finally:
@@ -367,8 +413,8 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
             for m in models:
                 st = step_times[m.name][-gen_iters * steps:]  # the timed runs, not the warm-up
                 rows.append({"model": m.name, "what": "generation", "shape": f"1 image, {steps} steps",
-                             **stats_ms(times[m.name]), "peak_rss_mb": mem[m.name].rss_mb,
-                             "cuda_peak_mb": mem[m.name].cuda_mb})
+                             **stats_ms(times[m.name]), "peak_rss_mb": mem[m.name]["rss_mb"],
+                             "cuda_peak_mb": mem[m.name]["cuda_mb"]})
                 rows.append({"model": m.name, "what": "generation step", "shape": "UNet x2 CFG + step",
                              **stats_ms(st), "peak_rss_mb": None, "cuda_peak_mb": None})
 
@@ -428,3 +474,8 @@ def summary_line(result: dict) -> str:
                 parts.append(f"{r['model']} {what} {r['p50_ms']:.3g} ms")
     return ", ".join(parts)
 
+
+if __name__ == "__main__":  # the memory probe's child process
+    import sys
+
+    print(json.dumps(probe_memory(json.loads(sys.argv[1]))))
