@@ -417,7 +417,8 @@ def show_bench(r: dict) -> None:
     t = Table(title=f"bench {r['bundle']} on {r['backend']} ({r['machine']['cpu']}, {r['machine']['cores']} cores; "
                     f"{r['warmup']} warm-up, {r['iters']} iterations, generation {r['gen_iters']} x {r['steps']} steps)")
     for col in ("model", "what", "shape", "p50 ms", "p90 ms", "mean ms", "peak RSS MB") + (("CUDA MB",) if r["backend"] == "torch-cuda" else ()) + (("speed-up p50",) if compare else ()):
-        t.add_column(col, justify="left" if col in ("model", "what", "shape") else "right")
+        t.add_column(col, justify="left" if col in ("model", "what", "shape") else "right",
+                     no_wrap=col in ("model", "what"))
     for row in r["rows"]:
         cells = [row["model"], row["what"], row["shape"], f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}",
                  f"{row['mean_ms']:.3f}", "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.1f}"]
