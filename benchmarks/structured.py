@@ -108,7 +108,8 @@ def uniform_blocks_unet(unet, keep: float):
     from diffusers import UNet2DConditionModel
 
     cfg = dict(unet.config)
-    groups = cfg["norm_num_groups"]
+    groups = 8  # widths in steps of 8 (norm_num_groups 8): the scaling can come close to the fraction
+    cfg["norm_num_groups"] = groups
     base = list(cfg["block_out_channels"])
     best = None
     for step in range(1, 200):
@@ -122,6 +123,24 @@ def uniform_blocks_unet(unet, keep: float):
         if best is None or abs(ratio - keep) < abs(best[0] - keep):
             best = (ratio, model, widths)
     return best
+
+
+def cached_batches(pipe, cache: Path | None):
+    """calibration_batches (data-free), the clean latents kept as safetensors in `cache` between runs."""
+    from safetensors.torch import load_file, save_file
+
+    from exporter.calibration import CalibrationSet, from_samples
+
+    f = cache / "calibration.safetensors" if cache else None
+    if f is not None and f.is_file():
+        t = load_file(str(f))
+        cal = CalibrationSet(t["latents"], t["labels"], "samples")
+    else:
+        cal = from_samples(pipe, seed=0)
+        if f is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": cal.latents.contiguous(), "labels": cal.labels.contiguous()}, str(f))
+    return cal.batches(pipe, batch_size=16, seed=0)
 
 
 def magnitude_scores(unet, groups):
@@ -151,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampler steps of the quality evaluation")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--ecodiff-iterations", type=int, default=60)
+    ap.add_argument("--cache", type=Path, default=None, help="dir to keep the calibration latents in "
+                    "(safetensors) between runs")
     ap.add_argument("--no-collapse", action="store_true", help="skip the exact single-token attention collapse")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -179,9 +200,10 @@ def main(argv=None) -> int:
         dense, model_name = load_pipeline(demo_dir()), "demo"
     profile = load_profile("x86-cpu")
     log(f"{model_name}: {prunable_params(dense.unet)} prunable UNet parameters; calibration batches ...")
-    batches = calibration_batches(dense, seed=0)
+    batches = cached_batches(dense, args.cache)
     tokens = int(batches[0].context.shape[1])
 
+    score_cache = {}  # one scoring per method, reused by its latency-aware variant
     variants = []
     for m in args.methods.split(","):
         for la in ((False, True) if args.latency_aware == "both" else (args.latency_aware == "on",)):
@@ -218,7 +240,8 @@ def main(argv=None) -> int:
 
             saved, st.collapse_single_token_attention = st.collapse_single_token_attention, lambda u: []
         try:
-            plan = prune_structured(pipe, spec, batches, log=log, score_options=opts)
+            plan = prune_structured(pipe, spec, batches, log=log, score_options=opts,
+                                    scores=score_cache.setdefault(method, {}))
         finally:
             if args.no_collapse:
                 st.collapse_single_token_attention = saved

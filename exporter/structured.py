@@ -62,8 +62,11 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, context_to
     return macs, "MACs"
 
 
-def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: dict | None = None) -> dict:
-    """Prune pipe.unet in place to spec.sparsity (or spec.structured.target_macs); returns the plan."""
+def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: dict | None = None,
+                     scores: dict | None = None) -> dict:
+    """Prune pipe.unet in place to spec.sparsity (or spec.structured.target_macs); returns the plan.
+    `scores`: a dict to reuse -- empty, it receives this run's scores (and their info); filled by an
+    earlier run of the same method on the same model and batches, the scoring is skipped."""
     st = spec.structured
     unet = pipe.unet
     t0 = time.monotonic()
@@ -87,13 +90,18 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
             log(f"{len(collapsed)} single-token cross-attentions reduced to to_v/to_out (exact): {gone} parameters")
         del trial
     groups = find_groups(unet)
-    info: dict = {}
-    scores = score(spec.method, unet, groups, batches, pipe=pipe, seed=spec.seed, log=log, info=info,
-                   options=score_options)
+    if scores and scores.get("method") == spec.method:
+        info, unit_scores = scores["info"], scores["scores"]
+    else:
+        info = {}
+        unit_scores = score(spec.method, unet, groups, batches, pipe=pipe, seed=spec.seed, log=log, info=info,
+                            options=score_options)
+        if scores is not None:
+            scores.update(method=spec.method, info=info, scores=unit_scores)
     costs, cost_kind = unit_costs(unet, groups, latency_aware=st.latency_aware, cost_model=st.cost_model,
                                   context_tokens=context_tokens, log=log)
     macs = unit_macs(unet, groups, token_counts(unet, groups, context_tokens)) if target.kind == "macs" else None
-    keep = allocate(groups, scores, target, costs=costs, macs=macs, scope=spec.scope, normalize=st.normalize,
+    keep = allocate(groups, unit_scores, target, costs=costs, macs=macs, scope=spec.scope, normalize=st.normalize,
                     removed_before=params_dense - prunable_params(unet),
                     macs_total=count_macs(unet, context_tokens) if target.kind == "macs" else None)
     structure = remove_units(unet, keep, groups)
