@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -172,10 +173,12 @@ def frechet_distance(feats_a, feats_b) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():
-        ridge = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
+    with warnings.catch_warnings():  # fewer samples than dims: singular by construction, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():
+            ridge = np.eye(len(s_a)) * 1e-6
+            covmean = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     fd = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
