@@ -234,6 +234,7 @@ def sweep(
     method: str = MethodOpt,
     pattern: str = PatternOpt,
     quality: int = typer.Option(20, "--quality", help="samples per class at each sparsity"),
+    seed: int = typer.Option(1000, "--seed", help="noise seed of the samples (dense and pruned share it)"),
     out_dir: Path = typer.Option(Path("sweep"), "--out", "-o", help="directory for sweep.json and sweep.png"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     as_json: bool = JsonOpt,
@@ -244,13 +245,15 @@ def sweep(
     from exporter.sweep import parse_sparsities, sweep as do_sweep
 
     def show(r):
-        t = Table(title=f"{r['method']} ({r['pattern']}) on {r['model']}, {r['n_samples']} samples per point")
-        for col in ("sparsity", "FD ratio", "accuracy", "PSNR dB", "SSIM", "prune s", "gates"):
+        t = Table(title=f"{r['method']} ({r['pattern']}) on {r['model']}, {r['n_samples']} samples per point, "
+                        f"seed {r['seed']}")
+        for col in ("sparsity", "FD", "FD ratio", "accuracy", "PSNR dB", "SSIM", "prune s", "gates"):
             t.add_column(col)
         if r["rows"]:
-            t.add_row("dense", "1.000", f"{r['rows'][0]['dense_accuracy']:.3f}", "", "", "", "")
+            first = r["rows"][0]
+            t.add_row("dense", f"{first['dense_fd']:.2f}", "1.000", f"{first['dense_accuracy']:.3f}", "", "", "", "")
         for row in r["rows"]:
-            t.add_row(f"{row['sparsity']:.2f}", f"{row['fd_ratio']:.3f}", f"{row['accuracy']:.3f}",
+            t.add_row(f"{row['sparsity']:.2f}", f"{row['fd']:.2f}", f"{row['fd_ratio']:.3f}", f"{row['accuracy']:.3f}",
                       _num(row["psnr_db"]), f"{row['ssim']:.3f}", f"{row['prune_seconds']:.1f}",
                       "ok" if row["gates_ok"] else "FAIL")
         out.print(t)
@@ -259,7 +262,7 @@ def sweep(
     n = len(run(parse_sparsities, sparsity)) if err.is_terminal else 0
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("sweep", total=n)
-        run(do_sweep, str(model) if model else None, sparsity, method, pattern, target, out_dir, force, quality,
+        run(do_sweep, str(model) if model else None, sparsity, method, pattern, target, out_dir, force, quality, seed,
             log=log if not err.is_terminal else (lambda m: None), progress=lambda: bar.advance(task),
             as_json=as_json, show=show)
 

@@ -38,6 +38,9 @@ ROOT = HERE.parent
 PROFILE = HERE / "sd15_profile.toml"
 GOAL = 1.5  # peak RSS at most 1.5x the fp32 UNet weights
 
+sys.path.insert(0, str(ROOT))  # also in the optimum venv, which has no tinyprune installed
+from exporter.memory import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
+
 UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values typed out here
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -53,18 +56,6 @@ VAE_CONFIG = dict(  # its vae/config.json
 
 
 # ---------------------------------------------------------------- helpers that run inside the subprocesses
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _hwm_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
 class _Stages:
     def __init__(self):
         self.seconds, self.peak_rss_mb = {}, {}
@@ -74,17 +65,13 @@ class _Stages:
 
         class _S:
             def __enter__(self):
-                import ctypes
-                import gc
-
-                gc.collect()
-                ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, as exporter.export's stages do
-                _reset_hwm()
+                release_free_memory()  # freed heap back to the OS, as exporter.export's stages do
+                reset_peak_rss()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
                 stages.seconds[name] = round(time.perf_counter() - self.t0, 2)
-                stages.peak_rss_mb[name] = _hwm_mb()
+                stages.peak_rss_mb[name] = peak_rss_mb()
                 print(f"  {name}: {stages.seconds[name]:.1f} s, peak RSS {stages.peak_rss_mb[name] / 1024:.2f} GiB",
                       file=sys.stderr, flush=True)
 
@@ -95,7 +82,6 @@ def cmd_make(pipe_dir: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    sys.path.insert(0, str(ROOT))
     from exporter.pipeline import INDEX, ClassEmbedder, Pipeline, save_pipeline
 
     st = _Stages()
@@ -116,7 +102,6 @@ def cmd_make(pipe_dir: str) -> dict:
 
 
 def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
-    sys.path.insert(0, str(ROOT))
     from exporter import __version__
     from exporter.components import UNET, export_spec
     from exporter.config import PruneSpec, load_profile
@@ -149,7 +134,6 @@ def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
 def cmd_images(pipe_dir: str) -> dict:
     """The image stages alone: the dense-vs-pruned gate at the profile's opt latent (what export does now) and
     PyTorch images at the native 64x64 latent / 512 px with the fused attention (the runtime reference)."""
-    sys.path.insert(0, str(ROOT))
     from exporter.config import load_profile
     from exporter.pipeline import load_pipeline
     from exporter.validate import image_latent_size, reference_images

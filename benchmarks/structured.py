@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -177,7 +176,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
-    from exporter.calibration import calibration_batches
     from exporter.config import PruneSpec, StructuredSpec, load_profile
     from exporter.distill import distill
     from exporter.pipeline import demo_dir, load_pipeline, tiny_pipeline

@@ -159,7 +159,6 @@ def ort_cost_table(unet: nn.Module, groups: list[Group], batch: int = 2, context
     import json
     import warnings
 
-    import numpy as np
     import onnxruntime as ort
 
     from diffusers.models.attention_processor import AttnProcessor

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendMissing, GateFailed, InputError
+from .memory import reset_peak_rss, status_kb
 
 BENCH_BACKENDS = ("ort-cpu", "ort-cuda", "trt", "torch", "torch-cuda")
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "trt")
@@ -38,26 +39,6 @@ BUDGET_ROWS = {"unet": "unet", "generation": "generation"}  # budget key -> row 
 
 
 # --------------------------------------------------------------------------- memory (Linux /proc, no psutil)
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 class PeakMemory:
     """Peak RSS increase over a block (MB), and torch's CUDA max allocated where asked."""
@@ -68,8 +49,8 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
-        self.hwm_ok = _reset_hwm()
-        self.rss0 = _status_kb("VmRSS")
+        self.hwm_ok = reset_peak_rss()
+        self.rss0 = status_kb("VmRSS")
         if self.cuda:
             import torch
 
@@ -79,7 +60,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
         if self.hwm_ok and peak is not None and self.rss0 is not None:
             self.rss_mb = round(max(0, peak - self.rss0) / 1024, 1)
         if self.cuda:

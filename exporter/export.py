@@ -13,6 +13,7 @@ from .components import COMPONENTS, export_spec
 from . import quality_gate
 from .config import L1GradSpec, PruneSpec, load_profile
 from .errors import GateFailed, InputError
+from .memory import peak_rss_mb, release_free_memory, reset_peak_rss
 from .onnx_export import MAX_EXPORT_OPSET, export_component
 from .quality_gate import DEFAULT_QUALITY_PER_CLASS
 from .pipeline import demo_dir, load_pipeline, save_pipeline, tree_sha256
@@ -21,39 +22,6 @@ from .report import pruning_summary, speedup_source, write_report
 from .runtime_files import prepare_runtime, runtime_check
 from .validate import (image_drift_against, image_latent_size, ort_drift, reference_images, skipped_image_drift,
                        torch_references)
-
-
-def _release_free_memory() -> None:
-    """Hand memory freed by the previous stage back to the OS (glibc keeps freed heap pages otherwise), so
-    that each stage starts from what is really alive: the weights, not the last stage's activations."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: restart the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 class Stages:
@@ -73,14 +41,14 @@ class _Stage:
 
     def __enter__(self):
         self.stages.log(f"{self.name} ...")
-        _release_free_memory()
-        self.hwm = _reset_peak_rss()
+        release_free_memory()
+        self.hwm = reset_peak_rss()
         self.t0 = time.perf_counter()
 
     def __exit__(self, exc_type, *_):
         dt = time.perf_counter() - self.t0
         self.stages.times[self.name] = round(dt, 3)
-        peak = _peak_rss_mb() if self.hwm else None
+        peak = peak_rss_mb() if self.hwm else None
         if peak is not None:
             self.stages.peak_rss_mb[self.name] = peak
         if exc_type is None:

@@ -14,7 +14,6 @@ from .importance.l1_grad import gradient_magnitudes, l1_grad_scores, prune_l1_gr
 from .masks import MaskStream, prunable_weights, unstructured
 from .pipeline import Pipeline
 from .recovery import mean_loss, recover
-from .two_four import MIN_2TO4_CHANNELS  # noqa: F401  (re-exported: the threshold lived here first)
 
 def _two_four(model, weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], sparsity: float,
               batches=None):

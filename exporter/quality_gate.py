@@ -93,11 +93,11 @@ def why_skipped(pipe: Pipeline, per_class: int | None, is_demo: bool) -> str | N
     return applies(pipe)
 
 
-def draw(pipe: Pipeline, per_class: int, steps: int = 20) -> Samples:
+def draw(pipe: Pipeline, per_class: int, steps: int = 20, seed: int = QUALITY_SEED) -> Samples:
     from .quality import generate
 
     labels = list(range(pipe.conditioner.config.num_classes)) * per_class
-    return Samples(labels, generate(pipe, labels, seed=QUALITY_SEED, steps=steps))
+    return Samples(labels, generate(pipe, labels, seed=seed, steps=steps))
 
 
 def judge(dense: Samples, pruned: Samples, profile: DeviceProfile, max_fd_ratio: float | None = None,

@@ -23,9 +23,9 @@ def parse_sparsities(text: str) -> list[float]:
 
 def sweep(model: str | None, sparsities: str, method: str = "magnitude", pattern: str = "unstructured",
           target: str = "jetson", out: str | Path = "sweep", force: bool = False, per_class: int = 20,
-          log=lambda msg: None, progress=None) -> dict:
+          seed: int = quality_gate.QUALITY_SEED, log=lambda msg: None, progress=None) -> dict:
     """Dense samples once; then for each sparsity a fresh copy of the dense pipeline is pruned and sampled
-    on the same labels and noise. Writes sweep.json and sweep.png into `out`."""
+    on the same labels and noise (`seed` picks the noise). Writes sweep.json and sweep.png into `out`."""
     profile = load_profile(target)
     levels = parse_sparsities(sparsities)
     specs = [PruneSpec.resolve(method, s, pattern, "global", False, profile)[0] for s in levels]
@@ -38,14 +38,14 @@ def sweep(model: str | None, sparsities: str, method: str = "magnitude", pattern
     if why_not:
         raise InputError(f"sweep scores with the digit yardstick, which does not fit {model_dir}: {why_not}")
     log(f"dense samples ({per_class * dense.conditioner.config.num_classes})")
-    dense_q = quality_gate.draw(dense, per_class)
+    dense_q = quality_gate.draw(dense, per_class, seed=seed)
     rows = []
     for spec in specs:
         pipe = copy.deepcopy(dense)
         t0 = time.perf_counter()
         plan = prune(pipe, spec)
         prune_s = time.perf_counter() - t0
-        q = quality_gate.judge(dense_q, quality_gate.draw(pipe, per_class), profile)
+        q = quality_gate.judge(dense_q, quality_gate.draw(pipe, per_class, seed=seed), profile)
         rows.append({"method": spec.method, "pattern": spec.pattern, "sparsity": spec.sparsity,
                      "achieved": round(plan["components"]["unet"]["sparsity"], 6), "fd_ratio": q.fd_ratio,
                      "fd": q.pruned_fd, "accuracy": q.pruned_accuracy, "dense_fd": q.dense_fd,
@@ -57,7 +57,7 @@ def sweep(model: str | None, sparsities: str, method: str = "magnitude", pattern
     from .quality import sweep_plot
 
     result = {"model": "demo" if model is None else model_dir.name, "profile": profile.name, "method": method,
-              "pattern": specs[0].pattern, "n_samples": len(dense_q.labels), "rows": rows}
+              "pattern": specs[0].pattern, "n_samples": len(dense_q.labels), "seed": seed, "rows": rows}
     with staged(out, force) as tmp:
         write_json(tmp / "sweep.json", result)
         sweep_plot(rows, tmp / "sweep.png", title=f"{method} ({specs[0].pattern}) on {result['model']}")

@@ -207,7 +207,7 @@ def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, fil
     line = one_error(r, 1)
     if filename:
         assert line.startswith("error: disk full while writing ") and line.endswith(
-            f"/unet/model.onnx.data: free some space and run again; nothing was published")
+            "/unet/model.onnx.data: free some space and run again; nothing was published")
     else:
         assert line == f"error: disk full while writing {out}: free some space and run again; nothing was published"
     assert (out / "manifest.json").read_bytes() == before

@@ -59,6 +59,12 @@ def test_sweep_table_json_plot(tiny_dir, tmp_path):
     assert data["n_samples"] == 10
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"] == data["rows"]
     assert (tmp_path / "s" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["seed"] == 1000
+    r2 = invoke("sweep", "--model", tiny_dir, "--sparsity", "0.5", "--quality", 1, "--seed", 7,
+                "--out", tmp_path / "s7", "--json")
+    other = json.loads(r2.stdout)
+    assert other["seed"] == 7 and other["rows"][0]["achieved"] == data["rows"][1]["achieved"]
+    assert other["rows"][0]["dense_fd"] != data["rows"][1]["dense_fd"]  # other noise, other samples
 
 
 def test_sweep_bad_list(tiny_dir, tmp_path):
