@@ -2,12 +2,15 @@
 
 1. The torch-free runtime (`python -m exporter.runtime`) runs in a subprocess where importing torch, diffusers,
    transformers or onnx raises ImportError (a sys.meta_path blocker in a sitecustomize on PYTHONPATH); every
-   attempted import is logged and must be none. It writes PNGs for labels 0..9 x --per-class, one seed.
+   attempted import is logged and must be none. With --python PY (an environment with only numpy, pillow and
+   onnxruntime installed) it runs there instead, from the bundle's own copy as the on-device README says:
+   `cd BUNDLE/runtime && PY -m exporter.runtime .. ...`. It writes PNGs for labels 0..9 x --per-class, one seed.
 2. Here, with torch: the shipped digit classifier (exporter/quality.py) classifies those PNGs; accuracy against the
    asked class, overall and per class. The same labels through the PyTorch pipeline (exporter.sampling.sample,
    same seed and initial noise) give the reference accuracy and the runtime-vs-PyTorch PSNR.
 
     .venv/bin/python benchmarks/runtime_demo.py BUNDLE [--per-class 10] [--steps 20] [--json out.json]
+        [--python /path/to/venv-without-torch/bin/python]
 """
 
 from __future__ import annotations
@@ -41,18 +44,21 @@ sys.meta_path.insert(0, _Blocked())
 '''
 
 
-def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, out: Path, work: Path) -> dict:
-    (work / "sitecustomize.py").write_text(BLOCKER)
-    log = work / "blocked.log"
+def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, out: Path, work: Path,
+                      python: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(work), BLOCK_LOG=str(log))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0, "the blocker did not block torch"
+    log = work / "blocked.log"
+    if python is None:
+        (work / "sitecustomize.py").write_text(BLOCKER)
+        env.update(PYTHONPATH=str(work), BLOCK_LOG=str(log))
+    probe = subprocess.run([python or sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0, "torch is importable in the runtime's environment"
     log.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "exporter.runtime", str(bundle), "--steps", str(steps), "--seed", str(seed),
-           "--out", str(out), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]
+    where, target = (ROOT, str(bundle.resolve())) if python is None else (bundle / "runtime", "..")
+    cmd = [python or sys.executable, "-m", "exporter.runtime", target, "--steps", str(steps), "--seed", str(seed),
+           "--out", str(out.resolve()), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"runtime failed:\n{proc.stderr}")
@@ -70,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--python", default=None, help="interpreter of an environment without torch (default: this "
+                    "one, with torch, diffusers and onnx blocked)")
     args = ap.parse_args(argv)
 
     from exporter.compare import psnr
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
     labels = [c for _ in range(args.per_class) for c in range(10)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rt = run_without_torch(args.bundle, labels, args.seed, args.steps, tmp / "png", tmp)
+        rt = run_without_torch(args.bundle, labels, args.seed, args.steps, tmp / "png", tmp, args.python)
         from PIL import Image
 
         pngs = np.stack([np.asarray(Image.open(f)) for f in rt["files"]])
@@ -92,7 +100,8 @@ def main(argv=None) -> int:
     ref = sample(load_pipeline(args.bundle / "pruned"), labels, seed=args.seed, steps=args.steps).numpy()
     ref_pred = predict(clf, ref)
     out = {
-        "bundle": str(args.bundle), "images": len(labels), "steps": args.steps, "seed": args.seed,
+        "bundle": str(args.bundle), "environment": args.python or "this one, torch blocked", "images": len(labels),
+        "steps": args.steps, "seed": args.seed,
         "runtime": {k: rt[k] for k in ("backend", "scheduler", "seconds", "wall_s", "blocked_imports_attempted")},
         "accuracy_runtime_png": float(np.mean(pred == lab)),
         "accuracy_per_class": {int(c): float(np.mean(pred[lab == c] == c)) for c in range(10)},
