@@ -1,6 +1,6 @@
 """Stable-Diffusion-1.5-sized pipeline through tinyprune, with peak RSS and time per stage, beside optimum.
 
-    .venv/bin/python benchmarks/sd15_scale.py [--work /tmp/sd15] [--optimum-python /tmp/optimum-venv/bin/python]
+    .venv/bin/python benchmarks/sd15_scale.py [--work DIR] [--optimum-python VENV/bin/python]
 
 What runs (each in its own subprocess, one after the other):
   make        a UNet2DConditionModel with SD 1.5's configuration and an AutoencoderKL with SD's VAE
@@ -222,13 +222,13 @@ def _table(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/sd15", help="work dir (needs ~25 GB of disk)")
-    ap.add_argument("--optimum-python", default="/tmp/optimum-venv/bin/python",
-                    help="python of a venv with optimum-onnx + diffusers ('' skips optimum)")
+    ap.add_argument("--work", default="sd15-work", help="work dir (needs ~25 GB of disk)")
+    ap.add_argument("--optimum-python", default=None,
+                    help="python of a venv with optimum-onnx + diffusers (none: optimum is skipped)")
     ap.add_argument("--only", default="make,export,two_four,verify,images,optimum", help="comma-separated runs")
     ap.add_argument("--results", default=str(HERE / "results" / "sd15_scale.json"))
     args = ap.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
     results_path = Path(args.results)
@@ -257,7 +257,11 @@ def main() -> int:
     results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                           "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)}
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    # this machine's paths stay out of the results: the repo root as ".", the work dir as "WORK"
+    text = json.dumps(results, indent=2).replace(str(work), "WORK").replace(str(ROOT), ".")
+    if args.optimum_python:
+        text = text.replace(args.optimum_python, "OPTIMUM_VENV/bin/python")
+    results_path.write_text(text + "\n")
     if "make" in results:
         table = _table(results)
         print(table)
