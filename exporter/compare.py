@@ -8,9 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
-    """Peak signal-to-noise ratio in dB; inf for identical arrays."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+def psnr(a, b, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB over all elements, 10 log10(data_range^2 / MSE); inf for identical
+    inputs (no cap: JSON writers map it). Arrays or CPU tensors of equal shape."""
+    a, b = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64) for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"PSNR needs equal shapes, got {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 

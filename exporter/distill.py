@@ -36,7 +36,7 @@ def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float 
     params = list(student.parameters())
     was = [p.requires_grad for p in params]
     g = torch.Generator().manual_seed(seed)
-    t0, done, losses = time.monotonic(), 0, []
+    t0, done = time.monotonic(), 0
     student.train()
     try:
         for p in params:
@@ -52,8 +52,9 @@ def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
             done += 1
+            if done % 50 == 0 and done < steps:
+                log(f"recovery: step {done}/{steps}, loss vs dense {loss.detach().item():.5f}")
     finally:
         student.eval()
         for p, r in zip(params, was):

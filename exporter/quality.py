@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare import psnr
 from .errors import InputError
 
 CLASSIFIER_CONFIG = "config.json"
@@ -183,20 +184,6 @@ def frechet_distance(feats_a, feats_b) -> float:
     diff = mu_a - mu_b
     fd = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
     return max(fd, 0.0)
-
-
-def psnr(a, b, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB over all elements: 10 log10(data_range^2 / MSE).
-
-    Identical inputs have MSE 0 and give float('inf') -- no cap; JSON writers must map it (e.g. to null).
-    """
-    a, b = _as_numpy(a, np.float64), _as_numpy(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"PSNR needs equal shapes, got {a.shape} and {b.shape}")
-    mse = float(np.mean((a - b) ** 2))
-    if mse == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(data_range ** 2 / mse))
 
 
 def ssim(a, b, data_range: float = 1.0, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
