@@ -70,7 +70,7 @@ def main() -> int:
         dense, model_name = tiny_pipeline(seed=0), "tiny (random weights)"
     else:
         path = Path(args.model) if args.model else demo_dir()
-        dense, model_name = load_pipeline(path), str(path)
+        dense, model_name = load_pipeline(path), path.name if args.model else "demo pipeline"
     profile = load_profile("jetson")
     clf = quality.load_classifier()
     real = quality.features(clf, quality.real_digits()[0])
