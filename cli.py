@@ -50,6 +50,8 @@ RecoveryOpt = typer.Option(None, "--recovery-steps", help="Adam steps on calibra
                            "held (default 200 for l1-grad, 0 for magnitude)")
 IterationsOpt = typer.Option(None, "--iterations", help="l1-grad: prune steps towards the target, with regrowth "
                              "between them (default 4)")
+RecoveryTargetOpt = typer.Option(None, "--recovery-target", help="recovery's target: distill (the dense UNet's "
+                                 "output; default) | noise (the true noise: no second UNet copy in memory)")
 CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for calibration batches (default: "
                               "data-free, the dense model's own samples)")
 
@@ -68,9 +70,9 @@ def _structured(target_macs, latency_aware, cost_model, recovery_minutes) -> dic
             "recovery_minutes": recovery_minutes}
 
 
-def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration) -> dict:
+def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target) -> dict:
     return {"alpha": alpha, "beta": beta, "l1": l1, "recovery_steps": recovery_steps, "iterations": iterations,
-            "calibration": str(calibration) if calibration else None}
+            "recovery_target": recovery_target, "calibration": str(calibration) if calibration else None}
 
 
 def log(msg: str) -> None:
@@ -171,6 +173,7 @@ def export(
     l1: Optional[float] = L1Opt,
     recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
+    recovery_target: Optional[str] = RecoveryTargetOpt,
     calibration: Optional[Path] = CalibrationOpt,
     target_macs: Optional[float] = TargetMacsOpt,
     latency_aware: bool = LatencyAwareOpt,
@@ -186,7 +189,7 @@ def export(
 
     run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
         force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
-        show=show_export, tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
+        show=show_export, tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target),
                                       structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
         quality=quality,
         max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
@@ -208,6 +211,7 @@ def prune(
     l1: Optional[float] = L1Opt,
     recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
+    recovery_target: Optional[str] = RecoveryTargetOpt,
     calibration: Optional[Path] = CalibrationOpt,
     target_macs: Optional[float] = TargetMacsOpt,
     latency_aware: bool = LatencyAwareOpt,
@@ -220,7 +224,7 @@ def prune(
 
     run(prune_to_dir, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
         force, log=log, as_json=as_json,
-        tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration),
+        tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target),
                     structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
         show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
                                  + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))

@@ -7,7 +7,7 @@ timed on its own row; "prune s" is the method's own time given those batches.
 
 Ablation rows (on unless --no-ablations) say where l1-grad's difference comes from: magnitude followed by
 the same L1 recovery, l1-grad with beta = 0 (magnitude ranking, same schedule and recovery), and the
-recovery distilling the dense UNet's epsilon (--distill) instead of fitting the true noise.
+recovery fitting the true noise (--recovery-target noise) instead of distilling the dense UNet's epsilon.
 
     python benchmarks/unstructured.py                       # the demo pipeline, sparsity 0.43
     python benchmarks/unstructured.py --tiny --n-per-class 2  # smoke run on the tiny random pipeline
@@ -34,20 +34,19 @@ from exporter.prune import prune  # noqa: E402
 
 
 def rows(ablations: bool, recovery_steps: int | None):
-    r = L1GradSpec.parse(recovery_steps=recovery_steps)
+    r = L1GradSpec.parse(recovery_steps=recovery_steps)  # l1-grad's defaults: recovery distils the dense UNet
     out = [("magnitude", "magnitude", "unstructured", L1GradSpec.parse(recovery_steps=0)),
            ("l1-grad", "l1-grad", "unstructured", r),
            ("2:4 magnitude", "magnitude", "2:4", L1GradSpec.parse(recovery_steps=0)),
            ("2:4 l1-grad", "l1-grad", "2:4", r)]
     if ablations:
         steps = r.recovery_steps if r.recovery_steps is not None else 200
-        out += [("magnitude + L1 recovery", "magnitude", "unstructured", L1GradSpec.parse(recovery_steps=steps)),
+        noise = L1GradSpec.parse(recovery_steps=recovery_steps, recovery_target="noise")
+        out += [("magnitude + recovery", "magnitude", "unstructured", L1GradSpec.parse(recovery_steps=steps)),
                 ("l1-grad beta=0", "l1-grad", "unstructured", L1GradSpec.parse(beta=0.0, recovery_steps=recovery_steps)),
                 ("2:4 magnitude + recovery", "magnitude", "2:4", L1GradSpec.parse(recovery_steps=steps)),
-                ("l1-grad --distill", "l1-grad", "unstructured", L1GradSpec.parse(recovery_steps=recovery_steps,
-                                                                                 distill=True)),
-                ("2:4 l1-grad --distill", "l1-grad", "2:4", L1GradSpec.parse(recovery_steps=recovery_steps,
-                                                                            distill=True))]
+                ("l1-grad --recovery-target noise", "l1-grad", "unstructured", noise),
+                ("2:4 l1-grad --recovery-target noise", "l1-grad", "2:4", noise)]
     return out
 
 

@@ -145,12 +145,14 @@ def test_recovery_lowers_the_calibration_loss(pipe_and_batches):
 
 
 def test_options_validated_and_defaults():
-    assert L1GradSpec.parse() == L1GradSpec(1.0, 1.0, 1e-5, None, 4, 1e-4, False)
+    assert L1GradSpec.parse() == L1GradSpec(1.0, 1.0, 1e-5, None, 4, 1e-4, True)
+    assert not L1GradSpec.parse(recovery_target="noise").distill and L1GradSpec.parse(recovery_target="distill").distill
     for kwargs, message in [({"alpha": -1.0}, "--alpha must be a finite number >= 0"),
                             ({"alpha": 0.0, "beta": 0.0}, "--alpha and --beta are both 0"),
                             ({"iterations": 0}, "--iterations must be an integer >= 1"),
                             ({"recovery_steps": -5}, "--recovery-steps must be an integer >= 0"),
-                            ({"l1": float("nan")}, "--l1 must be a finite number >= 0")]:
+                            ({"l1": float("nan")}, "--l1 must be a finite number >= 0"),
+                            ({"recovery_target": "teacher"}, "unknown --recovery-target 'teacher'; known: distill, noise")]:
         with pytest.raises(InputError, match=message):
             L1GradSpec.parse(**kwargs)
     profile = load_profile("jetson")
@@ -183,7 +185,7 @@ def test_cli_prune_l1_grad(tiny_dir, tmp_path, image_dir):
     assert abs(json.loads(r.stdout)["sparsity"]["unet"] - 0.43) < 1e-5
     plan = json.loads((out / "pruning_plan.json").read_text())
     g = plan["components"]["unet"]["l1_grad"]
-    assert (g["beta"], g["iterations"], g["recovery_steps"]) == (2.0, 2, 4)
+    assert (g["beta"], g["iterations"], g["recovery_steps"], g["recovery_target"]) == (2.0, 2, 4, "distill")
     assert len(g["schedule"]) == 2 and g["regrown"] >= 0
     assert "calibration: 8 latents in 1 batches (images from" in r.stderr
 
@@ -196,5 +198,9 @@ def test_cli_bad_options(tiny_dir, tmp_path):
     r = runner.invoke(app, ["prune", "--model", str(tiny_dir), "--method", "l1-grad", "--calibration",
                             str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "is not a directory of images" in r.stderr
+    r = runner.invoke(app, ["prune", "--model", str(tiny_dir), "--method", "l1-grad", "--recovery-target", "labels",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: unknown --recovery-target 'labels'; known: distill, noise"
+    assert not (tmp_path / "x").exists()
     r = runner.invoke(app, ["prune", "--model", str(tiny_dir), "--method", "l2-grad", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "known methods: magnitude, l1-grad" in r.stderr

@@ -153,6 +153,7 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
             f"(dense {loss_dense:.5f}), regrown {back}")
     apply_masks(model, masks)
     info = {"alpha": alpha, "beta": beta, "l1": l1, "lr": lr, "iterations": iterations,
-            "recovery_steps": recovery_steps, "regrown": regrown, "loss_dense": round(loss_dense, 6),
+            "recovery_steps": recovery_steps, "recovery_target": "distill" if teacher is not None else "noise",
+            "regrown": regrown, "loss_dense": round(loss_dense, 6),
             "loss_pruned": round(mean_loss(model, batches, forward), 6), "schedule": steps_log}
     return masks, info
