@@ -47,7 +47,7 @@ AlphaOpt = typer.Option(None, "--alpha", help="l1-grad: weight of the |w| term (
 BetaOpt = typer.Option(None, "--beta", help="l1-grad: weight of the |dL/dw| term (default 1.0; 0 = magnitude ranking)")
 L1Opt = typer.Option(None, "--l1", help="recovery: lambda of the lambda*sum|w| penalty (default 1e-5)")
 RecoveryOpt = typer.Option(None, "--recovery-steps", help="Adam steps on calibration batches after pruning, masks "
-                           "held (default 200 for l1-grad, 0 for magnitude)")
+                           "held (default 200 for l1-grad, 300 for structured methods, 0 for magnitude)")
 IterationsOpt = typer.Option(None, "--iterations", help="l1-grad: prune steps towards the target, with regrowth "
                              "between them (default 4)")
 RecoveryTargetOpt = typer.Option(None, "--recovery-target", help="recovery's target: distill (the dense UNet's "
@@ -62,7 +62,7 @@ LatencyAwareOpt = typer.Option(False, "--latency-aware", help="structured: weigh
                                "onnxruntime CPU time (or MACs, --cost-model macs) instead of its parameters")
 CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aware: ort (measured) | macs")
 RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
-                                  "distillation (--recovery-steps steps, default 0 = none)")
+                                  "distillation (--recovery-steps steps, default 300 for structured methods)")
 
 
 def _structured(target_macs, latency_aware, cost_model, recovery_minutes) -> dict:

@@ -123,7 +123,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(head + body)
-    out.with_suffix(".json").write_text(json.dumps({"model": model_name, "args": vars(args), "calibration_s": calib_s,
+    out.with_suffix(".json").write_text(json.dumps({"model": model_name, "args": {**vars(args), "out": "(this file)"}, "calibration_s": calib_s,
                                                     "rows": table}, indent=2, default=str) + "\n")
     print(head + body)
     return 0

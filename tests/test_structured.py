@@ -8,7 +8,7 @@ import torch
 
 from exporter.allocate import Target, allocate, count_macs, removed_params, unit_macs, token_counts
 from exporter.calibration import CalibrationSet
-from exporter.config import PruneSpec, StructuredSpec, load_profile
+from exporter.config import DEFAULT_STRUCTURED_RECOVERY_STEPS, L1GradSpec, PruneSpec, StructuredSpec, load_profile
 from exporter.errors import InputError
 from exporter.groups import find_groups, prunable_params
 from exporter.pipeline import tiny_pipeline
@@ -25,10 +25,16 @@ def _batches(pipe, n=8):
     return CalibrationSet(torch.randn(n, 4, 8, 8, generator=g), torch.arange(n) % 10, "test").batches(pipe, n)
 
 
-def _spec(method, sparsity=0.43, **structured):
+def _spec(method, sparsity=0.43, recovery_steps=0, **structured):
     spec, _ = PruneSpec.resolve(method, sparsity, "unstructured", "global", False, CPU,
+                                l1grad=L1GradSpec.parse(recovery_steps=recovery_steps),
                                 structured=StructuredSpec.parse(**structured))
     return spec
+
+
+def test_structured_recovery_defaults_to_300_distillation_steps():
+    spec, _ = PruneSpec.resolve("ecodiff", 0.43, "unstructured", "global", False, CPU)
+    assert spec.pattern == "channel" and spec.recovery_steps == DEFAULT_STRUCTURED_RECOVERY_STEPS == 300
 
 
 @pytest.mark.parametrize("method", ["diff-pruning", "ld-pruner", "ecodiff"])
@@ -189,11 +195,13 @@ def test_cli_prune_structured(tiny_dir, tmp_path, monkeypatch):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "pruned"
     r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "diff-pruning", "--sparsity", "0.3",
-                                 "--target", "x86-cpu", "--calibration", str(images), "--out", str(out), "--json"],
-                           catch_exceptions=False)
+                                 "--target", "x86-cpu", "--calibration", str(images), "--recovery-steps", "5", "--out", str(out),
+                                 "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     assert abs(json.loads(r.stdout)["sparsity"]["unet"] - 0.3) <= 0.01
     plan = json.loads((out / "pruning_plan.json").read_text())
+    rec = plan["components"]["unet"]["recovery"]
+    assert rec["steps"] == 5 and rec["loss_after"] < rec["loss_before"]  # distilled towards the dense UNet
     assert plan["pattern"] == "channel" and (out / "unet" / "structure.json").is_file()
     assert prunable_params(load_pipeline(out).unet) == plan["components"]["unet"]["params"]
     r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "magnitude", "--pattern", "channel",
