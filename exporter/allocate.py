@@ -75,13 +75,18 @@ def token_counts(unet: nn.Module, groups: list[Group], context_tokens: int = 1) 
             def hook(mod, args, p=g.path):
                 seen[p] = {"n": args[0].shape[1]}
             handles.append(m.register_forward_pre_hook(hook))
+    _forward_once(unet, handles, context_tokens)
+    return seen
+
+
+def _forward_once(unet: nn.Module, handles: list, context_tokens: int) -> None:
+    """One forward pass on an example input for the hooks in `handles` to see, which are removed after it."""
     try:
         x, t, ctx = _example(unet, 1, context_tokens)
         unet(x, t, encoder_hidden_states=ctx)
     finally:
         for h in handles:
             h.remove()
-    return seen
 
 
 def unit_macs(unet: nn.Module, groups: list[Group], tokens: dict[str, dict]) -> dict[str, float]:
@@ -135,12 +140,7 @@ def count_macs(unet: nn.Module, context_tokens: int = 1) -> int:
             handles.append(m.register_forward_hook(linear))
         elif isinstance(m, Attention):
             handles.append(m.register_forward_pre_hook(attn, with_kwargs=True))
-    try:
-        x, t, ctx = _example(unet, 1, context_tokens)
-        unet(x, t, encoder_hidden_states=ctx)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_once(unet, handles, context_tokens)
     return int(total[0])
 
 
