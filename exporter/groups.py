@@ -343,31 +343,31 @@ def masks_from_keep(groups: list[Group], keep: dict[str, torch.Tensor]) -> dict[
 
 # --------------------------------------------------------------------------- physical removal
 
-def _linear(old: nn.Linear, rows=None, cols=None) -> nn.Linear:
+def _sliced(old: nn.Linear | nn.Conv2d, rows, cols) -> torch.Tensor:
     w = old.weight.detach()
     if rows is not None:
         w = w[rows]
-    if cols is not None:
-        w = w[:, cols]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None)
+    return w if cols is None else w[:, cols]
+
+
+def _filled(new: nn.Linear | nn.Conv2d, old: nn.Linear | nn.Conv2d, w: torch.Tensor, rows):
+    """`new` holding `w` and the kept rows of `old`'s bias, in `old`'s dtype."""
     new.weight.data.copy_(w)
     if old.bias is not None:
         new.bias.data.copy_(old.bias.detach() if rows is None else old.bias.detach()[rows])
     return new.to(old.weight.dtype)
+
+
+def _linear(old: nn.Linear, rows=None, cols=None) -> nn.Linear:
+    w = _sliced(old, rows, cols)
+    return _filled(nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None), old, w, rows)
 
 
 def _conv(old: nn.Conv2d, rows=None, cols=None) -> nn.Conv2d:
-    w = old.weight.detach()
-    if rows is not None:
-        w = w[rows]
-    if cols is not None:
-        w = w[:, cols]
+    w = _sliced(old, rows, cols)
     new = nn.Conv2d(w.shape[1], w.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
                     bias=old.bias is not None)
-    new.weight.data.copy_(w)
-    if old.bias is not None:
-        new.bias.data.copy_(old.bias.detach() if rows is None else old.bias.detach()[rows])
-    return new.to(old.weight.dtype)
+    return _filled(new, old, w, rows)
 
 
 def _bias_or_zeros(layer, n: int) -> torch.Tensor:
