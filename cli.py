@@ -11,14 +11,16 @@ import json
 import math
 import signal
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from exporter.errors import TinypruneError
+from tinyprune.config import STRUCTURED_METHODS
+from tinyprune.errors import TinypruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune diffusers pipelines and export them as ONNX / TensorRT bundles for edge devices.")
@@ -26,43 +28,185 @@ out = Console()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 state = {"debug": False}
 
-ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)")
-TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path")
-SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunable weights set to zero, in [0, 1)")
-MethodOpt = typer.Option("magnitude", "--method", help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, "
+# help panels of the options, the same in every command
+INPUT, METHOD, RECOVERY, STRUCTURED, GATES, OUTPUT = ("Input and target", "Method", "Recovery", "Structured", "Gates",
+                                                      "Output")
+
+
+# Choices: --help lists them, a wrong value is one line and exit 2. The commands pass `.value` on, so the code
+# below the CLI sees the plain strings it validates against (config.py, bench/latency.py; tests/test_cli.py holds
+# these to them).
+class Method(str, Enum):
+    magnitude = "magnitude"
+    l1_grad = "l1-grad"
+    diff_pruning = "diff-pruning"
+    ld_pruner = "ld-pruner"
+    ecodiff = "ecodiff"
+    auto = "auto"
+
+
+class Pattern(str, Enum):
+    unstructured = "unstructured"
+    two_four = "2:4"
+    auto = "auto"
+    channel = "channel"
+
+
+class Scope(str, Enum):
+    global_ = "global"
+    layer = "layer"
+
+
+class CostModel(str, Enum):
+    ort = "ort"
+    macs = "macs"
+
+
+class RecoveryTarget(str, Enum):
+    distill = "distill"
+    noise = "noise"
+
+
+class BenchBackend(str, Enum):
+    ort_cpu = "ort-cpu"
+    ort_cuda = "ort-cuda"
+    trt = "trt"
+    torch = "torch"
+    torch_cuda = "torch-cuda"
+
+
+def _choice(enum: type[Enum], unknown: str):
+    """typer `parser=` of an Enum option: a value outside it is one `error:` line and exit 2, worded as the
+    library's own check words it (`unknown` takes the value and the known ones), not typer's usage box."""
+
+    def parse(value):
+        if isinstance(value, enum):
+            return value
+        try:
+            return enum(value)
+        except ValueError:
+            err.print("error: " + unknown.format(value, ", ".join(m.value for m in enum)), markup=False)
+            raise typer.Exit(2) from None
+
+    return parse
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)",
+                        rich_help_panel=INPUT)
+TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path",
+                         rich_help_panel=INPUT)
+SparsityOpt = typer.Option("0.43", "--sparsity", "-s", help="fraction of prunable weights set to zero, in [0, 1)",
+                           rich_help_panel=INPUT)
+MethodOpt = typer.Option(Method.magnitude, "--method", parser=_choice(Method, "unknown --method '{}'; known methods: {}"),
+                         rich_help_panel=METHOD,
+                         help="importance method: magnitude | l1-grad (alpha|w| + beta|dL/dw|, "
                          "iterative with L1 recovery) | diff-pruning | ld-pruner | ecodiff (structured: channels and "
                          "heads removed, pattern channel) | auto (2:4 where the target has sparse tensor cores, else "
                          "structured)")
-PatternOpt = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores) | channel (set by the structured methods)")
-ScopeOpt = typer.Option("global", "--scope", help="global (one threshold over all layers) | layer (same sparsity per layer)")
-QualityOpt = typer.Option(None, "--quality", help="digit-yardstick samples per class for the FD/accuracy gates (default 10; 0 skips)")
-MaxFdOpt = typer.Option(None, "--max-fd-ratio", help="gate: pruned FD / dense FD at most this (default from the profile)")
-MinAccOpt = typer.Option(None, "--min-accuracy", help="gate: class accuracy of pruned samples at least this (default from the profile)")
-JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout")
-ImageChecksOpt = typer.Option(None, "--image-checks", min=0,
+PatternOpt = typer.Option(Pattern.unstructured, "--pattern", rich_help_panel=METHOD,
+                          parser=_choice(Pattern, "unknown --pattern '{}'; known patterns: {}"),
+                          help="unstructured | 2:4 | auto (2:4 where the target has sparse tensor cores) | channel (set by the structured methods)")
+ScopeOpt = typer.Option(Scope.global_, "--scope", parser=_choice(Scope, "unknown --scope '{}'; known scopes: {}"),
+                        rich_help_panel=METHOD,
+                        help="global (one threshold over all layers) | layer (same sparsity per layer)")
+QualityOpt = typer.Option(None, "--quality", help="digit-yardstick samples per class for the FD/accuracy gates (default 10; 0 skips)",
+                          rich_help_panel=GATES)
+MaxFdOpt = typer.Option(None, "--max-fd-ratio", help="gate: pruned FD / dense FD at most this (default from the profile)",
+                        rich_help_panel=GATES)
+MinAccOpt = typer.Option(None, "--min-accuracy", help="gate: class accuracy of pruned samples at least this (default from the profile)",
+                         rich_help_panel=GATES)
+JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout", rich_help_panel=OUTPUT)
+ImageChecksOpt = typer.Option(None, "--image-checks", min=0, rich_help_panel=GATES,
                               help="class labels sampled for the dense-vs-pruned image gate (default: all; 0 skips "
                                    "the gate, e.g. for Stable-Diffusion-sized models on a CPU)")
-ImageStepsOpt = typer.Option(None, "--image-steps", min=1, help="sampler steps of the image gate (default 20)")
-AlphaOpt = typer.Option(None, "--alpha", help="l1-grad: weight of the |w| term (default 1.0; terms normalised to mean 1)")
-BetaOpt = typer.Option(None, "--beta", help="l1-grad: weight of the |dL/dw| term (default 1.0; 0 = magnitude ranking)")
-L1Opt = typer.Option(None, "--l1", help="recovery: lambda of the lambda*sum|w| penalty (default 1e-5)")
+ImageStepsOpt = typer.Option(None, "--image-steps", min=1, help="sampler steps of the image gate (default 20)",
+                             rich_help_panel=GATES)
+AlphaOpt = typer.Option(None, "--alpha", help="l1-grad: weight of the |w| term (default 1.0; terms normalised to mean 1)",
+                        rich_help_panel=METHOD)
+BetaOpt = typer.Option(None, "--beta", help="l1-grad: weight of the |dL/dw| term (default 1.0; 0 = magnitude ranking)",
+                       rich_help_panel=METHOD)
+L1Opt = typer.Option(None, "--l1", help="recovery: lambda of the lambda*sum|w| penalty (default 1e-5)",
+                     rich_help_panel=RECOVERY)
 RecoveryOpt = typer.Option(None, "--recovery-steps", help="Adam steps on calibration batches after pruning, masks "
-                           "held (default 200 for l1-grad, 300 for structured methods, 0 for magnitude)")
+                           "held (default 200 for l1-grad, 300 for structured methods, 0 for magnitude)",
+                           rich_help_panel=RECOVERY)
 IterationsOpt = typer.Option(None, "--iterations", help="l1-grad: prune steps towards the target, with regrowth "
-                             "between them (default 4)")
-RecoveryTargetOpt = typer.Option(None, "--recovery-target", help="recovery's target: distill (the dense UNet's "
+                             "between them (default 4)", rich_help_panel=METHOD)
+RecoveryTargetOpt = typer.Option(None, "--recovery-target", rich_help_panel=RECOVERY,
+                                 parser=_choice(RecoveryTarget, "unknown --recovery-target '{}'; known: {}"),
+                                 help="recovery's target: distill (the dense UNet's "
                                  "output; default) | noise (the true noise: no second UNet copy in memory)")
 CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for calibration batches (default: "
-                              "data-free, the dense model's own samples)")
+                              "data-free, the dense model's own samples)", rich_help_panel=INPUT)
 
 
 TargetMacsOpt = typer.Option(None, "--target-macs", help="structured: fraction of the dense UNet's MACs to keep, in "
-                             "(0, 1]; replaces --sparsity as the target")
+                             "(0, 1]; replaces --sparsity as the target", rich_help_panel=STRUCTURED)
 LatencyAwareOpt = typer.Option(False, "--latency-aware", help="structured: weigh each group by its measured "
-                               "onnxruntime CPU time (or MACs, --cost-model macs) instead of its parameters")
-CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aware: ort (measured) | macs")
+                               "onnxruntime CPU time (or MACs, --cost-model macs) instead of its parameters",
+                               rich_help_panel=STRUCTURED)
+CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aware: ort (measured) | macs",
+                            parser=_choice(CostModel, "unknown --cost-model '{}'; known: {}"),
+                            rich_help_panel=STRUCTURED)
 RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
-                                  "distillation (--recovery-steps steps, default 300 for structured methods)")
+                                  "distillation (--recovery-steps steps, default 300 for structured methods)",
+                                  rich_help_panel=STRUCTURED)
+ForceOpt = typer.Option(False, "--force", help="replace an existing --out", rich_help_panel=OUTPUT)
+PruneVaeOpt = typer.Option(False, "--prune-vae", help="prune the VAE too", rich_help_panel=METHOD)
+
+
+class Applies(NamedTuple):
+    """Where a method-specific option is read: by these --method values, not with these --pattern values, and
+    only together with `needs` (an option it modifies)."""
+
+    methods: tuple[str, ...]
+    not_patterns: tuple[str, ...] = ()
+    needs: str | None = None
+
+
+# Each option's field, by what reads it in exporter/prune (grep the field). Given where nothing reads it, the
+# option is refused before any work (one line, exit 2) instead of silently ignored. --method auto becomes
+# l1-grad or a structured method only once the target is loaded (PruneSpec.resolve): it passes the methods check.
+APPLIES = {
+    "alpha": Applies(("l1-grad",)),
+    "beta": Applies(("l1-grad",)),
+    "iterations": Applies(("l1-grad",), ("2:4",)),  # l1-grad's 2:4 scores once, no prune steps
+    "l1": Applies(("magnitude", "l1-grad")),  # structured recovery distils without the L1 term
+    "recovery_target": Applies(("magnitude", "l1-grad")),  # structured recovery always distils
+    "target_macs": Applies(STRUCTURED_METHODS, ("2:4",)),  # structured: channels and heads go, never 2:4
+    "latency_aware": Applies(STRUCTURED_METHODS, ("2:4",)),
+    "cost_model": Applies(STRUCTURED_METHODS, ("2:4",), needs="latency_aware"),
+    "recovery_minutes": Applies(STRUCTURED_METHODS, ("2:4",)),
+}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _check_applies(method: str, pattern: str, tuning: dict) -> None:
+    """Refuse an option of `tuning` (the workflows' dict: _tuning + structured) that APPLIES says the chosen
+    --method or --pattern never reads: one `error:` line, exit 2."""
+    values = dict(tuning)
+    values.update(values.pop("structured", None) or {})
+    given = {field for field, v in values.items() if v is not None and v is not False}
+    for field, rule in APPLIES.items():  # in the table's order: the same first complaint every run
+        if field not in given:
+            continue
+        if method != "auto" and method not in rule.methods:
+            problem = f"applies to --method {', '.join(rule.methods)} only (got {method})"
+        elif pattern in rule.not_patterns:
+            problem = f"does not apply to --pattern {pattern}"
+        elif rule.needs and rule.needs not in given:
+            problem = f"applies with {_flag(rule.needs)} only"
+        else:
+            continue
+        err.print(f"error: {_flag(field)} {problem}", markup=False)
+        raise typer.Exit(2)
 
 
 def _structured(target_macs, latency_aware, cost_model, recovery_minutes) -> dict:
@@ -79,6 +223,11 @@ def log(msg: str) -> None:
     err.print(f"[dim]tinyprune:[/dim] {msg}")
 
 
+def _plain(result):
+    """What JSON and the show functions take: a result's to_dict() (frozen dataclass results), else itself."""
+    return result.to_dict() if hasattr(result, "to_dict") else result
+
+
 def run(fn, *args, as_json: bool = False, show=None, **kwargs):
     """Call one exporter function; one line on stderr and the right exit code for every failure."""
     try:
@@ -86,10 +235,11 @@ def run(fn, *args, as_json: bool = False, show=None, **kwargs):
     except TinypruneError as e:
         if state["debug"]:
             raise
-        if as_json and getattr(e, "result", None) is not None:
-            print(json.dumps(e.result, indent=2, default=str))
-        elif getattr(e, "result", None) is not None and show:
-            show(e.result)
+        partial = getattr(e, "result", None)  # a GateFailed's result: shown, then the gate's line
+        if as_json and partial is not None:
+            print(json.dumps(_plain(partial), indent=2, default=str))
+        elif partial is not None and show:
+            show(_plain(partial))
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
@@ -105,13 +255,16 @@ def run(fn, *args, as_json: bool = False, show=None, **kwargs):
         err.print(f"error: {e.strerror or e} ({e.filename or 'no file'})", markup=False)
         raise typer.Exit(2 if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError)) else 1)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(_plain(result), indent=2, default=str))
     elif show:
-        show(result)
+        show(_plain(result))
     return result
 
 
 def _num(x) -> str:
+    """A figure of a result's to_dict(), where an infinite one (identical images, dense FD 0) is None."""
+    if x is None:
+        return "inf"
     if isinstance(x, float):
         return "inf" if math.isinf(x) else f"{x:.4g}"
     return str(x)
@@ -126,106 +279,110 @@ def show_export(r: dict) -> None:
     for d in r["onnx_drift"]:
         t.add_row(d["name"], f"max abs {d['max_abs']:.3g}", f"<= {d['tolerance']:.3g}", "yes" if d["ok"] else "NO")
     img = r["image_drift"]
-    if img.get("skipped"):
-        t.add_row(img["name"], "skipped (--image-checks 0)", f">= {img['min_psnr_db']} dB", "-")
+    if img["skipped"]:
+        t.add_row(img["name"], f"skipped ({img['reason']})", f">= {img['min_psnr_db']} dB", "-")
     else:
         t.add_row(img["name"], f"PSNR {_num(img['psnr_db'])} dB", f">= {img['min_psnr_db']} dB",
                   "yes" if img["ok"] else "NO")
     for d in r.get("runtime_drift", []):
-        if d.get("skipped"):
-            t.add_row(d["name"], "skipped (--image-checks 0)", f">= {d['min_psnr_db']} dB", "-")
+        if d["skipped"]:
+            t.add_row(d["name"], f"skipped ({d['reason']})", f">= {d['min_psnr_db']} dB", "-")
         else:
             t.add_row(d["name"], f"PSNR {_num(d['psnr_db'])} dB, max abs {d['max_abs']:.2g}",
                       f">= {d['min_psnr_db']} dB", "yes" if d["ok"] else "NO")
     q = r.get("quality")
     if q:
         t.add_row(f"FD ratio pruned/dense ({q['n_samples']} samples)",
-                  f"{q['fd_ratio']:.3f} (FD {q['pruned']['fd']:.3g} vs {q['dense']['fd']:.3g})",
-                  f"<= {q['max_fd_ratio']}", "yes" if q["fd_ratio"] <= q["max_fd_ratio"] else "NO")
+                  f"{'inf' if q['fd_ratio'] is None else format(q['fd_ratio'], '.3f')} "
+                  f"(FD {q['pruned']['fd']:.3g} vs {q['dense']['fd']:.3g})",
+                  f"<= {q['max_fd_ratio']}", "yes" if q["fd_ok"] else "NO")
         t.add_row("class accuracy pruned (dense)", f"{q['pruned']['accuracy']:.3f} ({q['dense']['accuracy']:.3f})",
-                  f">= {q['min_accuracy']}", "yes" if q["pruned"]["accuracy"] >= q["min_accuracy"] else "NO")
+                  f">= {q['min_accuracy']}", "yes" if q["accuracy_ok"] else "NO")
         t.add_row("PSNR / SSIM pruned vs dense", f"{_num(q['psnr_db'])} dB / {q['ssim']:.3f}", "", "")
     out.print(t)
     out.print(f"speed-up source: {r['speedup_source']}")
 
 
 @app.callback()
-def main_callback(debug: bool = typer.Option(False, "--debug", help="show tracebacks")):
+def main_callback(debug: bool = typer.Option(False, "--debug", help="show tracebacks", rich_help_panel=OUTPUT)):
     state["debug"] = debug
 
 
 @app.command()
-def export(
+def export(  # parameters in help-panel order: input and target, method, recovery, structured, gates, output
     model: Optional[Path] = ModelOpt,
     sparsity: str = SparsityOpt,
     target: str = TargetOpt,
-    method: str = MethodOpt,
-    pattern: str = PatternOpt,
-    scope: str = ScopeOpt,
-    prune_vae: bool = typer.Option(False, "--prune-vae", help="prune the VAE too"),
-    out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="bundle directory to write"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
-    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile"),
-    image_checks: Optional[int] = ImageChecksOpt,
-    image_steps: Optional[int] = ImageStepsOpt,
+    calibration: Optional[Path] = CalibrationOpt,
+    method: Method = MethodOpt,
+    pattern: Pattern = PatternOpt,
+    scope: Scope = ScopeOpt,
+    prune_vae: bool = PruneVaeOpt,
     alpha: Optional[float] = AlphaOpt,
     beta: Optional[float] = BetaOpt,
-    l1: Optional[float] = L1Opt,
-    recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
-    recovery_target: Optional[str] = RecoveryTargetOpt,
-    calibration: Optional[Path] = CalibrationOpt,
+    recovery_steps: Optional[int] = RecoveryOpt,
+    l1: Optional[float] = L1Opt,
+    recovery_target: Optional[RecoveryTarget] = RecoveryTargetOpt,
     target_macs: Optional[float] = TargetMacsOpt,
     latency_aware: bool = LatencyAwareOpt,
-    cost_model: Optional[str] = CostModelOpt,
+    cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile",
+                                             rich_help_panel=GATES),
+    image_checks: Optional[int] = ImageChecksOpt,
+    image_steps: Optional[int] = ImageStepsOpt,
     quality: Optional[int] = QualityOpt,
     max_fd_ratio: Optional[float] = MaxFdOpt,
     min_accuracy: Optional[float] = MinAccOpt,
+    out_dir: Path = typer.Option(Path("bundle"), "--out", "-o", help="bundle directory to write", rich_help_panel=OUTPUT),
+    force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
-    from exporter.export import export as do_export
+    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes))
+    _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
+    from tinyprune.workflows.export import export as do_export
 
-    run(do_export, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
-        show=show_export, tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target),
-                                      structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
-        quality=quality,
+    run(do_export, str(model) if model else None, sparsity, target, method.value, pattern.value, scope.value, prune_vae,
+        out_dir, force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
+        show=show_export, tuning=tuning, quality=quality,
         max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
 
 
 @app.command()
-def prune(
+def prune(  # parameters in help-panel order, as export's
     model: Optional[Path] = ModelOpt,
     sparsity: str = SparsityOpt,
     target: str = TargetOpt,
-    method: str = MethodOpt,
-    pattern: str = PatternOpt,
-    scope: str = ScopeOpt,
-    prune_vae: bool = typer.Option(False, "--prune-vae", help="prune the VAE too"),
-    out_dir: Path = typer.Option(Path("pruned"), "--out", "-o", help="pipeline directory to write"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    calibration: Optional[Path] = CalibrationOpt,
+    method: Method = MethodOpt,
+    pattern: Pattern = PatternOpt,
+    scope: Scope = ScopeOpt,
+    prune_vae: bool = PruneVaeOpt,
     alpha: Optional[float] = AlphaOpt,
     beta: Optional[float] = BetaOpt,
-    l1: Optional[float] = L1Opt,
-    recovery_steps: Optional[int] = RecoveryOpt,
     iterations: Optional[int] = IterationsOpt,
-    recovery_target: Optional[str] = RecoveryTargetOpt,
-    calibration: Optional[Path] = CalibrationOpt,
+    recovery_steps: Optional[int] = RecoveryOpt,
+    l1: Optional[float] = L1Opt,
+    recovery_target: Optional[RecoveryTarget] = RecoveryTargetOpt,
     target_macs: Optional[float] = TargetMacsOpt,
     latency_aware: bool = LatencyAwareOpt,
-    cost_model: Optional[str] = CostModelOpt,
+    cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
+    out_dir: Path = typer.Option(Path("pruned"), "--out", "-o", help="pipeline directory to write", rich_help_panel=OUTPUT),
+    force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
-    from exporter.export import prune_to_dir
+    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes))
+    _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
+    from tinyprune.workflows.export import prune_to_dir
 
-    run(prune_to_dir, str(model) if model else None, sparsity, target, method, pattern, scope, prune_vae, out_dir,
-        force, log=log, as_json=as_json,
-        tuning=dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target),
-                    structured=_structured(target_macs, latency_aware, cost_model, recovery_minutes)),
+    run(prune_to_dir, str(model) if model else None, sparsity, target, method.value, pattern.value, scope.value,
+        prune_vae, out_dir, force, log=log, as_json=as_json, tuning=tuning,
         show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
                                  + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
 
@@ -233,20 +390,23 @@ def prune(
 @app.command()
 def sweep(
     model: Optional[Path] = ModelOpt,
-    sparsity: str = typer.Option("0.2,0.3,0.43,0.5,0.6", "--sparsity", "-s", help="comma-separated sparsities"),
+    sparsity: str = typer.Option("0.2,0.3,0.43,0.5,0.6", "--sparsity", "-s", help="comma-separated sparsities",
+                                 rich_help_panel=INPUT),
     target: str = TargetOpt,
-    method: str = MethodOpt,
-    pattern: str = PatternOpt,
-    quality: int = typer.Option(20, "--quality", help="samples per class at each sparsity"),
-    seed: int = typer.Option(1000, "--seed", help="noise seed of the samples (dense and pruned share it)"),
-    out_dir: Path = typer.Option(Path("sweep"), "--out", "-o", help="directory for sweep.json and sweep.png"),
-    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    method: Method = MethodOpt,
+    pattern: Pattern = PatternOpt,
+    quality: int = typer.Option(20, "--quality", help="samples per class at each sparsity", rich_help_panel=GATES),
+    seed: int = typer.Option(1000, "--seed", help="noise seed of the samples (dense and pruned share it)",
+                             rich_help_panel=GATES),
+    out_dir: Path = typer.Option(Path("sweep"), "--out", "-o", help="directory for sweep.json and sweep.png",
+                                 rich_help_panel=OUTPUT),
+    force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
     """Sparsity-quality curve: FD ratio and class accuracy against dense at each sparsity; table, JSON, plot."""
     from rich.progress import Progress
 
-    from exporter.sweep import parse_sparsities, sweep as do_sweep
+    from tinyprune.workflows.sweep import parse_sparsities, sweep as do_sweep
 
     def show(r):
         t = Table(title=f"{r['method']} ({r['pattern']}) on {r['model']}, {r['n_samples']} samples per point, "
@@ -266,26 +426,29 @@ def sweep(
     n = len(run(parse_sparsities, sparsity)) if err.is_terminal else 0
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("sweep", total=n)
-        run(do_sweep, str(model) if model else None, sparsity, method, pattern, target, out_dir, force, quality, seed,
-            log=log if not err.is_terminal else (lambda m: None), progress=lambda: bar.advance(task),
+        run(do_sweep, str(model) if model else None, sparsity, method.value, pattern.value, target, out_dir, force,
+            quality, seed, log=log if not err.is_terminal else (lambda m: None), progress=lambda: bar.advance(task),
             as_json=as_json, show=show)
 
 
 @app.command()
 def validate(
     bundle: Path = typer.Argument(..., help="bundle directory"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
-    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)",
+                                         rich_help_panel=INPUT),
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB)",
+                                             rich_help_panel=GATES),
     image_checks: Optional[int] = ImageChecksOpt,
     image_steps: Optional[int] = ImageStepsOpt,
-    dense: Optional[Path] = typer.Option(None, "--dense", help="a dense bundle (same model, --sparsity 0): check its torch-free runtime against the dense PyTorch pipeline too"),
+    dense: Optional[Path] = typer.Option(None, "--dense", help="a dense bundle (same model, --sparsity 0): check its torch-free runtime against the dense PyTorch pipeline too",
+                                         rich_help_panel=INPUT),
     quality: Optional[int] = QualityOpt,
     max_fd_ratio: Optional[float] = MaxFdOpt,
     min_accuracy: Optional[float] = MinAccOpt,
     as_json: bool = JsonOpt,
 ):
     """Re-check ONNX vs PyTorch drift, dense vs pruned images, and the torch-free runtime's images; exit 1 when over."""
-    from exporter.validate import validate_bundle
+    from tinyprune.workflows.validate import validate_bundle
 
     run(validate_bundle, bundle, str(model) if model else None, min_psnr, log=log, image_checks=image_checks,
         image_steps=image_steps, dense=dense, as_json=as_json, show=show_export, quality=quality,
@@ -295,7 +458,7 @@ def validate(
 @app.command()
 def verify(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = JsonOpt):
     """Check every checksum in the manifest and every sparsity claim in the ONNX metadata (exit 1 if off)."""
-    from exporter.bundle import verify as do_verify
+    from tinyprune.ship.bundle import verify as do_verify
 
     def show(r):
         if r["ok"]:
@@ -310,11 +473,12 @@ def verify(bundle: Path = typer.Argument(..., help="bundle directory"), as_json:
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="an ONNX file"),
-    all_tensors: bool = typer.Option(False, "--all", help="list every prunable initializer, not only sparse ones"),
+    all_tensors: bool = typer.Option(False, "--all", help="list every prunable initializer, not only sparse ones",
+                                     rich_help_panel=OUTPUT),
     as_json: bool = JsonOpt,
 ):
     """Sparsity per initializer, 2:4 validity along TensorRT's axis, and the tinyprune metadata."""
-    from exporter.inspect_onnx import inspect_file
+    from tinyprune.export.inspection import inspect_file
 
     def show(r):
         t = Table(title=f"{r['file']}: sparsity {r['sparsity']:.4f} over {r['prunable']} prunable weights")
@@ -335,7 +499,7 @@ def inspect(
 @app.command()
 def profiles(name: Optional[str] = typer.Argument(None, help="show one profile"), as_json: bool = JsonOpt):
     """List device profiles, or show one."""
-    from exporter.config import list_profiles, load_profile
+    from tinyprune.config import list_profiles, load_profile
 
     def show_one(p: dict):
         t = Table(title=p["name"], show_header=False)
@@ -362,13 +526,16 @@ def profiles(name: Optional[str] = typer.Argument(None, help="show one profile")
 @app.command()
 def build(
     bundle: Path = typer.Argument(..., help="bundle directory"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile (default: the bundle's)"),
-    require_engine: bool = typer.Option(False, "--require-engine", help="exit 3 when engines cannot be built here"),
-    dla: bool = typer.Option(False, "--dla", help="put components on a DLA core where the target has one"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile (default: the bundle's)",
+                                         rich_help_panel=INPUT),
+    dla: bool = typer.Option(False, "--dla", help="put components on a DLA core where the target has one",
+                             rich_help_panel=METHOD),
+    require_engine: bool = typer.Option(False, "--require-engine", help="exit 3 when engines cannot be built here",
+                                        rich_help_panel=GATES),
     as_json: bool = JsonOpt,
 ):
     """TensorRT engines with sparse weights where the target has sparse tensor cores, or the on-device script."""
-    from exporter.trt_build import build as do_build
+    from tinyprune.ship.tensorrt import build as do_build
 
     def show(r):
         if r.get("engines"):
@@ -388,18 +555,22 @@ def build(
 @app.command()
 def generate(
     bundle: Path = typer.Argument(..., help="bundle directory"),
-    labels: list[int] = typer.Option(..., "--class", "-c", help="class label; repeat for several images"),
-    steps: int = typer.Option(20, "--steps", help="denoising steps"),
-    seed: int = typer.Option(0, "--seed", help="initial-noise seed (numpy); same seed, same image"),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler (default: the bundle's scheduler config)"),
-    guidance: float = typer.Option(3.0, "--guidance", help="classifier-free guidance scale"),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt"),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)"),
-    out_dir: Path = typer.Option(Path("images"), "--out", "-o", help="directory for the PNGs"),
+    labels: list[int] = typer.Option(..., "--class", "-c", help="class label; repeat for several images",
+                                     rich_help_panel=INPUT),
+    steps: int = typer.Option(20, "--steps", help="denoising steps", rich_help_panel=METHOD),
+    seed: int = typer.Option(0, "--seed", help="initial-noise seed (numpy); same seed, same image",
+                             rich_help_panel=METHOD),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler (default: the bundle's scheduler config)",
+                                            rich_help_panel=METHOD),
+    guidance: float = typer.Option(3.0, "--guidance", help="classifier-free guidance scale", rich_help_panel=METHOD),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt", rich_help_panel=INPUT),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)",
+                                rich_help_panel=INPUT),
+    out_dir: Path = typer.Option(Path("images"), "--out", "-o", help="directory for the PNGs", rich_help_panel=OUTPUT),
     as_json: bool = JsonOpt,
 ):
     """Torch-free generation from the bundle (numpy scheduler + onnxruntime/TensorRT) -> PNGs."""
-    from exporter.runtime import generate_to_dir
+    from tinyprune.runtime.generate import generate_to_dir
 
     def run_with_progress():
         if err.is_terminal:
@@ -444,24 +615,34 @@ def show_bench(r: dict) -> None:
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., help="bundle directory"),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt | torch | torch-cuda"),
-    warmup: int = typer.Option(3, "--warmup", help="untimed calls before timing"),
-    iters: int = typer.Option(20, "--iters", "-n", help="timed calls per component"),
-    gen_iters: int = typer.Option(3, "--gen-iters", help="timed whole generations"),
-    steps: int = typer.Option(20, "--steps", help="denoising steps of the whole-generation figure"),
-    threads: int = typer.Option(0, "--threads", help="intra-op threads (0: the backend's default)"),
-    compare: bool = typer.Option(False, "--compare", help="dense and pruned side by side, iterations interleaved"),
-    dense: Optional[Path] = typer.Option(None, "--dense", help="dense bundle for --compare (default: export the source pipeline's dense components to a temp dir)"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="profile whose latency budgets apply (default: the bundle's)"),
-    no_generation: bool = typer.Option(False, "--no-generation", help="components only"),
-    no_memory: bool = typer.Option(False, "--no-memory", help="skip the peak-memory probes (one subprocess per row)"),
+    backend: BenchBackend = typer.Option(BenchBackend.ort_cpu, "--backend", "-b", rich_help_panel=INPUT,
+                                         parser=_choice(BenchBackend, "unknown backend '{}'; known: {}"),
+                                         help="onnxruntime CPU / CUDA, the bundle's TensorRT engines, or its pruned/ "
+                                              "pipeline in PyTorch"),
+    warmup: int = typer.Option(3, "--warmup", help="untimed calls before timing", rich_help_panel=METHOD),
+    iters: int = typer.Option(20, "--iters", "-n", help="timed calls per component", rich_help_panel=METHOD),
+    gen_iters: int = typer.Option(3, "--gen-iters", help="timed whole generations", rich_help_panel=METHOD),
+    steps: int = typer.Option(20, "--steps", help="denoising steps of the whole-generation figure",
+                              rich_help_panel=METHOD),
+    threads: int = typer.Option(0, "--threads", help="intra-op threads (0: the backend's default)",
+                                rich_help_panel=INPUT),
+    compare: bool = typer.Option(False, "--compare", help="dense and pruned side by side, iterations interleaved",
+                                 rich_help_panel=METHOD),
+    dense: Optional[Path] = typer.Option(None, "--dense", help="dense bundle for --compare (default: export the source pipeline's dense components to a temp dir)",
+                                         rich_help_panel=INPUT),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="the dense pipeline the bundle came from (default: the demo, when the bundle came from it)",
+                                         rich_help_panel=INPUT),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="profile whose latency budgets apply (default: the bundle's)",
+                                         rich_help_panel=GATES),
+    no_generation: bool = typer.Option(False, "--no-generation", help="components only", rich_help_panel=METHOD),
+    no_memory: bool = typer.Option(False, "--no-memory", help="skip the peak-memory probes (one subprocess per row)",
+                                   rich_help_panel=METHOD),
     as_json: bool = JsonOpt,
 ):
     """Latency p50/p90/mean and peak memory per component and per generation; exit 1 over the profile's budgets."""
-    from exporter.bench import bench as do_bench
+    from tinyprune.bench.latency import bench as do_bench
 
-    run(do_bench, bundle, backend, warmup, iters, gen_iters, steps, threads, compare, dense,
+    run(do_bench, bundle, backend.value, warmup, iters, gen_iters, steps, threads, compare, dense,
         str(model) if model else None, target, not no_generation, not no_memory, log=log, as_json=as_json,
         show=show_bench)
 

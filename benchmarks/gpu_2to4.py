@@ -6,7 +6,7 @@ What it measures, in one run on one GPU:
   2. an SD-1.5-sized UNet2DConditionModel built from diffusers' SD-1.5 unet config values (block_out_channels
      (320, 640, 1280, 1280), cross_attention_dim 768, attention_head_dim 8, layers_per_block 2, sample_size
      64), random weights, at batch 8 with 64x64 latents and a 77-token context;
-  3. the demo UNet (exporter/demo/pipeline/unet when present, else the same architecture from demo_train's
+  3. the demo UNet (exporter/demo/pipeline/unet when present, else the same architecture from demo/train.py's
      recipe) at batch 8 and 8x8 latents.
 
 Every Linear layer gets a 2:4 magnitude mask along in-features; the "dense" model holds the same masked
@@ -206,7 +206,7 @@ def demo_unet():
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return UNet2DConditionModel.from_pretrained(path, use_safetensors=True), "demo UNet (trained weights)"
     sys.path.insert(0, str(root))
-    from exporter.demo_train import RECIPE, build_unet
+    from tinyprune.demo.train import RECIPE, build_unet
 
     return build_unet(RECIPE["unet"]), "demo UNet architecture (random weights; demo not trained yet)"
 

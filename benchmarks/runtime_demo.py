@@ -1,12 +1,12 @@
 """Does the bundle make the digits it is asked for, with no PyTorch on the machine?
 
-1. The torch-free runtime (`python -m exporter.runtime`) runs in a subprocess where importing torch, diffusers,
+1. The torch-free runtime (`python -m tinyprune.runtime.generate`) runs in a subprocess where importing torch, diffusers,
    transformers or onnx raises ImportError (a sys.meta_path blocker in a sitecustomize on PYTHONPATH); every
    attempted import is logged and must be none. With --python PY (an environment with only numpy, pillow and
    onnxruntime installed) it runs there instead, from the bundle's own copy as the on-device README says:
-   `cd BUNDLE/runtime && PY -m exporter.runtime .. ...`. It writes PNGs for labels 0..9 x --per-class, one seed.
-2. Here, with torch: the shipped digit classifier (exporter/quality.py) classifies those PNGs; accuracy against the
-   asked class, overall and per class. The same labels through the PyTorch pipeline (exporter.sampling.sample,
+   `cd BUNDLE/runtime && PY -m tinyprune.runtime.generate .. ...`. It writes PNGs for labels 0..9 x --per-class, one seed.
+2. Here, with torch: the shipped digit classifier (judge/quality.py) classifies those PNGs; accuracy against the
+   asked class, overall and per class. The same labels through the PyTorch pipeline (tinyprune.model.sampling.sample,
    same seed and initial noise) give the reference accuracy and the runtime-vs-PyTorch PSNR.
 
     .venv/bin/python benchmarks/runtime_demo.py BUNDLE [--per-class 10] [--steps 20] [--json out.json]
@@ -55,7 +55,7 @@ def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, ou
     assert probe.returncode != 0, "torch is importable in the runtime's environment"
     log.unlink(missing_ok=True)
     where, target = (ROOT, str(bundle.resolve())) if python is None else (bundle / "runtime", "..")
-    cmd = [python or sys.executable, "-m", "exporter.runtime", target, "--steps", str(steps), "--seed", str(seed),
+    cmd = [python or sys.executable, "-m", "tinyprune.runtime.generate", target, "--steps", str(steps), "--seed", str(seed),
            "--out", str(out.resolve()), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True)
@@ -80,10 +80,10 @@ def main(argv=None) -> int:
                     "one, with torch, diffusers and onnx blocked)")
     args = ap.parse_args(argv)
 
-    from exporter.compare import psnr
-    from exporter.pipeline import load_pipeline
-    from exporter.quality import load_classifier, predict
-    from exporter.sampling import sample
+    from tinyprune.judge.drift import psnr
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.judge.quality import load_classifier, predict
+    from tinyprune.model.sampling import sample
 
     labels = [c for _ in range(args.per_class) for c in range(10)]
     with tempfile.TemporaryDirectory() as tmp:

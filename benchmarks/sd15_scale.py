@@ -9,7 +9,7 @@ What runs (each in its own subprocess, one after the other):
   export      `tinyprune export --sparsity 0.43` (magnitude, unstructured) with benchmarks/sd15_profile.toml:
               load, dense reference images, prune in place, pruned images, save, ONNX export of UNet
               (external data) and VAE encoder/decoder, PyTorch references, onnxruntime drift, bundle
-  2:4         the same UNet, magnitude 2:4 through exporter.prune with the data-free layer ranking
+  2:4         the same UNet, magnitude 2:4 through tinyprune.prune.run with the data-free layer ranking
               (batches=[]: see the note printed at the end), save, ONNX export of the UNet
   verify      `tinyprune verify` of the export's bundle (checksums + every metadata claim, streamed)
   images      the image stages alone, after the fixes the first export run led to (see results/sd15_scale.md)
@@ -39,7 +39,7 @@ PROFILE = HERE / "sd15_profile.toml"
 GOAL = 1.5  # peak RSS at most 1.5x the fp32 UNet weights
 
 sys.path.insert(0, str(ROOT))  # also in the optimum venv, which has no tinyprune installed
-from exporter.memory import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
+from tinyprune.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
 
 UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values typed out here
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -65,7 +65,7 @@ class _Stages:
 
         class _S:
             def __enter__(self):
-                release_free_memory()  # freed heap back to the OS, as exporter.export's stages do
+                release_free_memory()  # freed heap back to the OS, as tinyprune.workflows.export's stages do
                 reset_peak_rss()
                 self.t0 = time.perf_counter()
 
@@ -82,7 +82,8 @@ def cmd_make(pipe_dir: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from exporter.pipeline import INDEX, ClassEmbedder, Pipeline, save_pipeline
+    from tinyprune.model.families.class_label import ClassEmbedder
+    from tinyprune.model.pipeline import INDEX, Pipeline, save_pipeline
 
     st = _Stages()
     with st("build random SD-1.5 UNet + VAE"):
@@ -102,12 +103,12 @@ def cmd_make(pipe_dir: str) -> dict:
 
 
 def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
-    from exporter import __version__
-    from exporter.components import UNET, export_spec
-    from exporter.config import PruneSpec, load_profile
-    from exporter.onnx_export import MAX_EXPORT_OPSET, export_component
-    from exporter.pipeline import load_pipeline, save_pipeline
-    from exporter.prune import prune
+    from tinyprune import __version__
+    from tinyprune.export.specs import component_spec, export_spec
+    from tinyprune.config import PruneSpec, load_profile
+    from tinyprune.export.writer import MAX_EXPORT_OPSET, export_component
+    from tinyprune.model.pipeline import load_pipeline, save_pipeline
+    from tinyprune.prune.run import prune
 
     st = _Stages()
     profile = load_profile(str(PROFILE))
@@ -116,14 +117,14 @@ def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
     with st("load"):
         pipe = load_pipeline(pipe_dir)
     with st("prune 2:4 (data-free ranking)"):
-        plan = prune(pipe, spec, batches=[])
+        plan = prune(pipe, spec, batches=[]).to_dict()
     with st("save pruned pipeline"):
         save_pipeline(pipe, out / "pruned")
     xspec = export_spec(pipe, profile, MAX_EXPORT_OPSET)
     meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
             "source_sha256": "benchmark"}
     with st("export unet"):
-        stamped = export_component(pipe, UNET, xspec, out / "unet" / "model.onnx", meta)
+        stamped = export_component(pipe, component_spec(pipe, "unet"), xspec, out / "unet" / "model.onnx", meta)
     tensors = json.loads(stamped["tinyprune.tensors"])
     return {"sparsity": plan["components"]["unet"]["sparsity"],
             "tensors_2to4": sum(t["pattern"] == "2:4" for t in tensors.values()),
@@ -134,9 +135,9 @@ def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
 def cmd_images(pipe_dir: str) -> dict:
     """The image stages alone: the dense-vs-pruned gate at the profile's opt latent (what export does now) and
     PyTorch images at the native 64x64 latent / 512 px with the fused attention (the runtime reference)."""
-    from exporter.config import load_profile
-    from exporter.pipeline import load_pipeline
-    from exporter.validate import image_latent_size, reference_images
+    from tinyprune.config import load_profile
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.judge.checks import image_latent_size, reference_images
 
     st = _Stages()
     profile = load_profile(str(PROFILE))

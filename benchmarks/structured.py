@@ -6,14 +6,14 @@ prunable parameters removed (default 0.43), from the same calibration batches:
     the native latent size: what `tinyprune export` ships) and timed on onnxruntime CPU against the dense
     UNet's export in one run, interleaved (every round runs every model once, in rotating order, so that a
     noisy shared machine slows all alike); the figure is the ratio of medians, dense / pruned;
-  * FD and class accuracy (exporter.quality.evaluate: the shipped digit classifier and held-out digits) of
+  * FD and class accuracy (tinyprune.judge.quality.evaluate: the shipped digit classifier and held-out digits) of
     the pruned pipeline before and after recovery (distillation from the dense UNet, --recovery-steps).
 Baselines beside them:
   * "uniform inner" -- every group loses the same fraction of its units, ranked by weight magnitude
     (the structured machinery with scope "layer" and a magnitude score): uniform width scaling that keeps
     the trained weights, so its quality is measured too;
   * "uniform blocks" -- UNet2DConditionModel built with every block width scaled (residual stream too) to
-    the same parameter fraction, random weights: the DESIGN.md measurement (latency only, it is untrained).
+    the same parameter fraction, random weights: the ../shared/DESIGN.md measurement (latency only, it is untrained).
 
 Run (two threads, as the CPU targets):
     python benchmarks/structured.py --out benchmarks/results/structured.json [--tiny] [--methods ...]
@@ -38,8 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.allocate import count_macs  # noqa: E402
-from exporter.groups import find_groups, prunable_params, remove_units, unit_sums  # noqa: E402
+from tinyprune.prune.structured.cost import count_macs  # noqa: E402
+from tinyprune.model.structure import find_groups  # noqa: E402
+from tinyprune.prune.structured.groups import prunable_params, unit_sums
+from tinyprune.prune.structured.surgery import remove_units
 
 
 class _Wrap(torch.nn.Module):
@@ -128,7 +130,7 @@ def cached_batches(pipe, cache: Path | None):
     """calibration_batches (data-free), the clean latents kept as safetensors in `cache` between runs."""
     from safetensors.torch import load_file, save_file
 
-    from exporter.calibration import CalibrationSet, from_samples
+    from tinyprune.model.calibration import CalibrationSet, from_samples
 
     f = cache / "calibration.safetensors" if cache else None
     if f is not None and f.is_file():
@@ -147,7 +149,7 @@ def magnitude_scores(unet, groups):
 
 
 def quality(pipe, n_per_class: int, steps: int) -> dict:
-    from exporter.quality import evaluate
+    from tinyprune.judge.quality import evaluate
 
     r = evaluate(pipe, None, n_per_class=n_per_class, steps=steps)
     return {"fd": round(r["dense"]["fd"], 3), "accuracy": round(r["dense"]["accuracy"], 4)}
@@ -176,14 +178,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
-    from exporter.config import PruneSpec, StructuredSpec, load_profile
-    from exporter.distill import distill
-    from exporter.pipeline import demo_dir, load_pipeline, tiny_pipeline
-    from exporter.structured import prune_structured
+    from tinyprune.config import PruneSpec, StructuredSpec, load_profile
+    from tinyprune.prune.recovery import distill
+    from tinyprune.model.pipeline import demo_dir, load_pipeline, tiny_pipeline
+    from tinyprune.prune.structured.run import prune_structured
 
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     if args.random_demo:
-        from exporter.demo_train import RECIPE, build_unet
+        from tinyprune.demo.train import RECIPE, build_unet
 
         dense = tiny_pipeline(seed=0, cross_dim=RECIPE["unet"]["cross_attention_dim"])
         torch.manual_seed(0)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         opts = {"iterations": args.ecodiff_iterations} if method == "ecodiff" else None
         t0 = time.monotonic()
         if args.no_collapse:
-            import exporter.structured as st
+            import tinyprune.prune.structured.run as st
 
             saved, st.collapse_single_token_attention = st.collapse_single_token_attention, lambda u: []
         try:
@@ -243,13 +245,13 @@ def main(argv=None) -> int:
         finally:
             if args.no_collapse:
                 st.collapse_single_token_attention = saved
-        entry = plan["components"]["unet"]
+        entry = plan.to_dict()["components"]["unet"]
         finish(name, pipe, entry, time.monotonic() - t0)
         results[name]["whole"] = entry.get("removed_whole", [])
         results[name]["groups"] = {p: g["kept"] for p, g in entry["groups"].items()}
 
     # baseline 1: uniform inner widths, magnitude-ranked (trained weights kept)
-    from exporter.allocate import Target, allocate
+    from tinyprune.prune.structured.allocation import Target, allocate
 
     pipe = copy.deepcopy(dense)
     groups = find_groups(pipe.unet)

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter import quality  # noqa: E402
-from exporter.calibration import calibration_batches  # noqa: E402
-from exporter.config import L1GradSpec, PruneSpec, load_profile  # noqa: E402
-from exporter.pipeline import demo_dir, load_pipeline, tiny_pipeline  # noqa: E402
-from exporter.prune import prune  # noqa: E402
+from tinyprune.model.calibration import calibration_batches  # noqa: E402
+from tinyprune.config import L1GradSpec, PruneSpec, load_profile  # noqa: E402
+from tinyprune.model.pipeline import demo_dir, load_pipeline, tiny_pipeline  # noqa: E402
+from tinyprune.prune.run import prune  # noqa: E402
 
 
 def rows(ablations: bool, recovery_steps: int | None):
@@ -92,7 +92,7 @@ def main() -> int:
         pipe = copy.deepcopy(dense)
         spec, _ = PruneSpec.resolve(method, args.sparsity, pattern, "global", False, profile, l1grad=opts)
         t = time.perf_counter()
-        plan = prune(pipe, spec, batches)
+        plan = prune(pipe, spec, batches).to_dict()
         prune_s = time.perf_counter() - t
         images = quality.generate(pipe, labels, seed=0, steps=args.steps)
         m = measure(images)

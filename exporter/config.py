@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import InputError
+from tinyprune.errors import InputError
 
-# structured methods remove channels and heads (pattern "channel"): faster on every runtime (exporter/structured.py)
+# structured methods remove channels and heads (pattern "channel"): faster on every runtime (prune/structured/)
 STRUCTURED_METHODS = ("diff-pruning", "ld-pruner", "ecodiff")
 METHODS = ("magnitude", "l1-grad") + STRUCTURED_METHODS
 PATTERNS = ("unstructured", "2:4", "auto", "channel")
@@ -71,7 +71,7 @@ class DeviceProfile:
 
 
 def _profiles_dir():
-    return resources.files("exporter.profiles")
+    return resources.files("tinyprune.profiles")
 
 
 def _profile_files() -> dict[str, object]:
@@ -251,11 +251,12 @@ class L1GradSpec:
                 "l1": d.l1 if l1 is None else l1, "lr": d.lr if lr is None else lr}
         for key, v in vals.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise InputError(f"--{key} must be a finite number >= 0, got {v!r}")
+                name = "lr" if key == "lr" else f"--{key}"  # lr has no CLI option: only the Python API sets it
+                raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
         if vals["alpha"] == 0 and vals["beta"] == 0:
             raise InputError("--alpha and --beta are both 0: the l1-grad score would be all zeros")
         if vals["lr"] == 0:
-            raise InputError("--lr must be > 0")
+            raise InputError("lr must be > 0")
         for key, v, lo in (("recovery-steps", recovery_steps, 0), ("iterations", iterations, 1)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise InputError(f"--{key} must be an integer >= {lo}, got {v!r}")
@@ -270,7 +271,7 @@ NORMALIZERS = ("mean", "none")
 
 @dataclass(frozen=True)
 class StructuredSpec:
-    """Options of the structured methods (exporter/structured.py, exporter/allocate.py).
+    """Options of the structured methods (prune/structured/run.py, prune/structured/allocation.py).
 
     target_macs: fraction of the dense UNet's MACs to keep, in (0, 1]; None: --sparsity (fraction of
     prunable parameters removed) is the target. latency_aware: weigh each group by its cost -- measured
@@ -300,7 +301,7 @@ class StructuredSpec:
             raise InputError(f"unknown --cost-model '{cost_model}'; known: {', '.join(COST_MODELS)}")
         normalize = d.normalize if normalize is None else normalize
         if normalize not in NORMALIZERS:
-            raise InputError(f"unknown --normalize '{normalize}'; known: {', '.join(NORMALIZERS)}")
+            raise InputError(f"unknown normalize '{normalize}'; known: {', '.join(NORMALIZERS)}")
         if recovery_minutes is not None and (isinstance(recovery_minutes, bool) or not isinstance(recovery_minutes, (int, float))
                                              or not math.isfinite(recovery_minutes) or recovery_minutes <= 0):
             raise InputError(f"--recovery-minutes must be a number > 0, got {recovery_minutes!r}")

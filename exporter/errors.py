@@ -1,27 +1,9 @@
-"""One exception tree. The CLI maps each subclass to its exit code and prints one line."""
+"""One exception tree; the CLI maps each class to its exit code and prints one line.
 
+The classes live in runtime/errors.py because the torch-free runtime is copied whole into every bundle and must
+raise the same errors there without tinyprune installed; this module is where the rest of the package takes them.
+"""
 
-class TinypruneError(Exception):
-    exit_code = 1
+from tinyprune.runtime.errors import BackendMissing, GateFailed, InputError, TinypruneError
 
-
-class InputError(TinypruneError):
-    """Bad input or usage: missing dir, not a pipeline, out-of-range sparsity, unknown target."""
-
-    exit_code = 2
-
-
-class GateFailed(TinypruneError):
-    """A drift, quality, latency or verify gate failed. Carries the result so --json can still print it."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, result: dict | None = None):
-        super().__init__(message)
-        self.result = result
-
-
-class BackendMissing(TinypruneError):
-    """A required optional backend (tensorrt, CUDA) is not available here."""
-
-    exit_code = 3
+__all__ = ["BackendMissing", "GateFailed", "InputError", "TinypruneError"]

@@ -5,10 +5,41 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def _cuda_missing() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "needs CUDA: torch is not installed"
+    return None if torch.cuda.is_available() else "needs CUDA: torch sees no CUDA GPU here"
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):  # OSError: the wheel is there but its CUDA libraries are not
+        return "needs the tensorrt package, which is not importable here"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` and `tensorrt` tests skip themselves where their hardware or package is missing, so addopts needs no
+    `-m` and a user's `-m "not slow"` (which would replace it) means only what it says."""
+    checks = {"gpu": _cuda_missing, "tensorrt": _tensorrt_missing}
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        for marker, check in checks.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in reasons:  # checked once, and only when a collected test carries the marker
+                reasons[marker] = check()
+            if reasons[marker] is not None:
+                item.add_marker(pytest.mark.skip(reason=reasons[marker]))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A small pipeline of real diffusers components saved in diffusers layout (fixed seed)."""
-    from exporter.pipeline import save_pipeline, tiny_pipeline
+    from tinyprune.model.pipeline import save_pipeline, tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny") / "pipe"
     save_pipeline(tiny_pipeline(seed=0), path)
@@ -18,8 +49,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundle(tiny_dir, tmp_path_factory):
     """One exported bundle shared by the read-only tests (verify, inspect, validate, build)."""
-    from exporter.export import export
+    from tinyprune.workflows.export import export
 
     out = tmp_path_factory.mktemp("bundles") / "b"
     result = export(str(tiny_dir), 0.43, "jetson", out=out)
-    return out, result
+    return out, result.to_dict()  # as --json prints it

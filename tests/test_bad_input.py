@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from cli import app
+from tinyprune.cli import app
 
 runner = CliRunner()
 
@@ -69,6 +69,9 @@ def test_unsupported_scheduler(tiny_dir, tmp_path):
                                "DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler, PNDMScheduler")
 
 
+SUPPORTED = "supported: class-conditioned (UNet2DConditionModel + AutoencoderKL + class_embedder, as the shipped demo)"
+
+
 def test_text_encoder_pipeline(tiny_dir, tmp_path):
     bad = copy_of(tiny_dir, tmp_path)
     index = json.loads((bad / "model_index.json").read_text())
@@ -76,8 +79,9 @@ def test_text_encoder_pipeline(tiny_dir, tmp_path):
     index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
     (bad / "model_index.json").write_text(json.dumps(index))
     r = invoke("export", "--model", bad, "--out", tmp_path / "out")
-    assert one_error(r, 2) == (f"error: {bad}: pipeline has a text_encoder (text-conditioned pipelines are not "
-                               "supported yet); tinyprune needs a class_embedder component")
+    assert one_error(r, 2) == (f"error: {bad}: pipeline TinypruneClassPipeline (scheduler DDIMScheduler, "
+                               "text_encoder CLIPTextModel, tokenizer CLIPTokenizer, unet UNet2DConditionModel, "
+                               f"vae AutoencoderKL) is not supported; {SUPPORTED}")
 
 
 def test_unconditional_unet_class(tiny_dir, tmp_path):
@@ -86,7 +90,9 @@ def test_unconditional_unet_class(tiny_dir, tmp_path):
     index["unet"] = ["diffusers", "UNet2DModel"]
     (bad / "model_index.json").write_text(json.dumps(index))
     r = invoke("export", "--model", bad, "--out", tmp_path / "out")
-    assert one_error(r, 2) == f"error: {bad}: unet is UNet2DModel; tinyprune supports UNet2DConditionModel"
+    assert one_error(r, 2) == (f"error: {bad}: pipeline TinypruneClassPipeline (class_embedder ClassEmbedder, "
+                               "scheduler DDIMScheduler, unet UNet2DModel, vae AutoencoderKL) is not supported; "
+                               f"{SUPPORTED}")
 
 
 def test_component_without_weights(tiny_dir, tmp_path):
@@ -110,7 +116,7 @@ def test_corrupt_safetensors_header(tiny_dir, tmp_path):
 # ------------------------------------------------------------------------------------------ options and profiles
 @pytest.mark.parametrize("option, value, known", [("--pattern", "3:4", "PATTERNS"), ("--scope", "block", "SCOPES")])
 def test_unknown_pattern_and_scope(tiny_dir, tmp_path, option, value, known):
-    from exporter import config
+    from tinyprune import config
 
     r = invoke("export", "--model", tiny_dir, option, value, "--out", tmp_path / "out")
     assert one_error(r, 2) == (f"error: unknown {option} '{value}'; known {option[2:]}s: "
@@ -122,13 +128,46 @@ def test_unknown_method(tiny_dir, tmp_path):
     assert one_error(r, 2).startswith("error: unknown --method 'random'; known methods: magnitude")
 
 
+STRUCTURED_ONLY = "applies to --method diff-pruning, ld-pruner, ecodiff only"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", "1"], "--alpha applies to --method l1-grad only (got magnitude)"),
+    (["--method", "ecodiff", "--beta", "0"], "--beta applies to --method l1-grad only (got ecodiff)"),
+    (["--method", "diff-pruning", "--iterations", "2"], "--iterations applies to --method l1-grad only (got diff-pruning)"),
+    (["--method", "l1-grad", "--pattern", "2:4", "--iterations", "2"], "--iterations does not apply to --pattern 2:4"),
+    (["--method", "ld-pruner", "--l1", "1e-4"], "--l1 applies to --method magnitude, l1-grad only (got ld-pruner)"),
+    (["--method", "ecodiff", "--recovery-target", "noise"],
+     "--recovery-target applies to --method magnitude, l1-grad only (got ecodiff)"),
+    (["--latency-aware"], f"--latency-aware {STRUCTURED_ONLY} (got magnitude)"),
+    (["--method", "l1-grad", "--target-macs", "0.5"], f"--target-macs {STRUCTURED_ONLY} (got l1-grad)"),
+    (["--recovery-minutes", "1"], f"--recovery-minutes {STRUCTURED_ONLY} (got magnitude)"),
+    (["--cost-model", "macs"], f"--cost-model {STRUCTURED_ONLY} (got magnitude)"),
+    (["--method", "auto", "--pattern", "2:4", "--latency-aware"], "--latency-aware does not apply to --pattern 2:4"),
+    (["--method", "diff-pruning", "--cost-model", "macs"], "--cost-model applies with --latency-aware only"),
+])
+@pytest.mark.parametrize("command", ["export", "prune"])
+def test_option_the_method_does_not_read(tmp_path, command, args, message):
+    """Refused before any work (no model is loaded: none is given), instead of silently ignored."""
+    r = invoke(command, *args, "--out", tmp_path / "out")
+    assert one_error(r, 2) == f"error: {message}" and r.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_auto_passes_the_method_check(tmp_path):
+    """auto becomes l1-grad or a structured method only with the target: its options get through to it."""
+    r = invoke("prune", "--method", "auto", "--latency-aware", "--alpha", "1", "--target", "nope", "--out",
+               tmp_path / "out")
+    assert one_error(r, 2).startswith("error: unknown target 'nope'; known targets:")
+
+
 def test_negative_image_checks_is_a_usage_error(tiny_dir, tmp_path):
     r = invoke("export", "--model", tiny_dir, "--image-checks", "-1", "--out", tmp_path / "out")
     assert r.exit_code == 2 and "Invalid value for '--image-checks'" in r.stderr and "Traceback" not in r.stderr
 
 
 def _profile_text():
-    from exporter.config import _profiles_dir
+    from tinyprune.config import _profiles_dir
 
     return _profiles_dir().joinpath("jetson-orin-nano.toml").read_text()
 
@@ -192,7 +231,7 @@ def test_out_not_writable(tiny_dir, tmp_path, monkeypatch):
 def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, filename):
     """ENOSPC while the UNet's ONNX file is written (after the pruned pipeline is saved): one line, exit 1,
     the staging dir is gone and the previous bundle at --out is byte-for-byte what it was."""
-    import exporter.onnx_export as onnx_export
+    import tinyprune.export.writer as onnx_export
 
     out = copy_of(bundle[0], tmp_path, "b")
     before = (out / "manifest.json").read_bytes()
@@ -306,8 +345,8 @@ def test_verify_missing_and_extra_file(bundle, tmp_path):
 
 def test_verify_false_metadata_claim(bundle, tmp_path):
     """Checksums re-made to match, but the ONNX metadata claims a sparsity the weights do not hold."""
-    from exporter.bundle import sha256_file
-    from exporter.onnx_sparsity import read_metadata, set_metadata
+    from tinyprune.ship.bundle import sha256_file
+    from tinyprune.export.metadata import read_metadata, set_metadata
 
     out = copy_of(bundle[0], tmp_path)
     path = out / "unet" / "model.onnx"
@@ -322,3 +361,16 @@ def test_verify_false_metadata_claim(bundle, tmp_path):
     r = invoke("verify", out)
     assert one_error(r, 1) == (f"error: verify failed: unet/model.onnx: tinyprune.sparsity claims 0.900000, "
                                f"weights hold {actual:.6f}")
+
+
+def test_out_of_memory_while_loading_is_not_called_corrupt(tiny_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", no_memory)
+    r = invoke("export", "--model", tiny_dir, "--out", tmp_path / "out")
+    assert one_error(r, 1) == (f"error: {tiny_dir}/vae: not enough memory to load these weights here (the file is "
+                               "not the problem): free memory or use a machine with more")
+    assert not (tmp_path / "out").exists()

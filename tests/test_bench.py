@@ -11,8 +11,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.bench import PeakMemory, available_backends, component_feed, stats_ms
+from tinyprune.cli import app
+from tinyprune.bench.latency import PeakMemory, available_backends, component_feed, stats_ms
+from tinyprune.bench.memory import reset_peak_rss
 
 runner = CliRunner()
 FAST = ["--warmup", "1", "--iters", "2", "--gen-iters", "1", "--steps", "2", "--no-memory"]
@@ -25,7 +26,7 @@ def invoke(*args):
 def _profile(tmp_path, unet_ms: float, generation_ms: float):
     from importlib import resources
 
-    text = resources.files("exporter.profiles").joinpath("x86-cpu.toml").read_text()
+    text = resources.files("tinyprune.profiles").joinpath("x86-cpu.toml").read_text()
     text = text.replace("unet = 200.0", f"unet = {unet_ms}").replace("generation = 5000.0", f"generation = {generation_ms}")
     path = tmp_path / f"budget-{unet_ms}.toml"
     path.write_text(text)
@@ -44,7 +45,10 @@ def test_stats_and_feeds(bundle):
     with PeakMemory() as pm:
         blob = bytearray(64 * 2**20)
         blob[::4096] = b"\1" * len(blob[::4096])  # touch every page
-    assert pm.rss_mb is None or pm.rss_mb >= 60
+    if reset_peak_rss():  # Linux /proc: the peak is measured, and it is the 64 MiB just touched, little else
+        assert 60 <= pm.rss_mb <= 70
+    else:
+        assert pm.rss_mb is None
 
 
 def test_bench_json_structure_and_budget_ok(bundle, tmp_path):
@@ -62,8 +66,12 @@ def test_bench_json_structure_and_budget_ok(bundle, tmp_path):
     for row in res["rows"]:
         assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"]
         assert row["cuda_peak_mb"] is None
-    # a fresh process per row: an onnxruntime session holds at least its weights (the tiny UNet: 3.2 MB fp32)
-    assert all(by[w]["peak_rss_mb"] is None or by[w]["peak_rss_mb"] > 1 for w in ("unet", "generation"))
+    # a fresh process per row: an onnxruntime session holds at least its weights (the tiny UNet: 785664 fp32
+    # parameters, 3.0 MiB); None only where this machine cannot measure a peak at all
+    if reset_peak_rss():
+        assert all(by[w]["peak_rss_mb"] >= 3.0 for w in ("unet", "generation"))
+    else:
+        assert by["unet"]["peak_rss_mb"] is by["generation"]["peak_rss_mb"] is None
     assert by["generation step"]["peak_rss_mb"] is None
     assert set(res["budgets"]) == {"unet", "generation"}
     assert res["budgets"]["unet"] == {"budget_ms": 1e9, "p50_ms": by["unet"]["p50_ms"], "ok": True}

@@ -42,7 +42,7 @@ def test_workflow_shape():
 
 def _run_script(wf: dict, tiny_dir, out: Path, extra: str, **override) -> subprocess.CompletedProcess:
     env = {k: str(v) for k, v in _export_step(wf)["env"].items()}
-    env.update(MODEL=str(tiny_dir), OUT=str(out), TINYPRUNE=f"{sys.executable} -m cli", EXTRA=extra, **override)
+    env.update(MODEL=str(tiny_dir), OUT=str(out), TINYPRUNE=f"{sys.executable} -m tinyprune.cli", EXTRA=extra, **override)
     return subprocess.run(["bash", str(CI / "export.sh")], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, **env))
 
@@ -80,7 +80,7 @@ def test_script_bad_target_exits_2(tiny_dir, tmp_path):
     env_out = tmp_path / "bundles"
     r = subprocess.run(["bash", str(CI / "export.sh")], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, MODEL=str(tiny_dir), OUT=str(env_out), TARGETS="jetsn",
-                                TINYPRUNE=f"{sys.executable} -m cli"))
+                                TINYPRUNE=f"{sys.executable} -m tinyprune.cli"))
     assert _export_step(wf)["env"]["TARGETS"]  # the workflow names its targets explicitly
     assert r.returncode == 2 and "tinyprune-ci: jetsn: exit 2" in r.stdout
     assert "error: unknown target 'jetsn'; known targets:" in r.stderr

@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from tinyprune.cli import app
 
 runner = CliRunner()
 
@@ -21,7 +21,7 @@ def test_help_does_not_import_torch():
     code = "import sys; import cli; assert 'torch' not in sys.modules and 'onnx' not in sys.modules; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "tinyprune.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "export" in proc.stdout
 
 
@@ -79,10 +79,27 @@ def test_inspect_shows_sparsity(bundle):
 
 
 def test_validate_passes_and_fails_on_gate(bundle, tiny_dir):
-    out, _ = bundle
+    from tinyprune.judge.checks import CHECKS, checks_run
+
+    out, result = bundle
     r = invoke("validate", out, "--model", tiny_dir, "--json")
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["ok"] is True
+    data = json.loads(r.stdout)
+    assert data["ok"] is True and data["failed"] == []
+    # export and validate run the one check list (judge/checks.py), in its order; bench its latency budgets
+    assert data["checks"] == result["checks"] == checks_run(("dense", "pruned", "bundle"))
+    assert data["checks"] == ["onnx_drift", "image_drift", "runtime_drift", "quality"]
+    assert [c.key for c in CHECKS] == data["checks"] + ["budgets"] and checks_run(("latency",)) == ["budgets"]
+    assert [d["name"] for d in data["onnx_drift"]] == [d["name"] for d in result["onnx_drift"]]
+    assert json.loads((out / "report" / "report.json").read_text())["checks"] == result["checks"]
+    r = invoke("validate", out, "--model", tiny_dir, "--image-checks", 0, "--quality", 0, "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    for d in [data["image_drift"], *data["runtime_drift"]]:  # skipped: no figures, no gate, the reason
+        assert d["skipped"] is True and d["ok"] is True and d["psnr_db"] is None and d["reason"] == "--image-checks 0"
+    assert data["checks"] == result["checks"] and data["quality"] is None
+    r = invoke("validate", out, "--model", tiny_dir, "--image-checks", 0, "--quality", 0)
+    assert r.exit_code == 0 and r.stdout.count("skipped (--image-checks") == 2  # the table wraps at 80 columns
     r = invoke("validate", out, "--model", tiny_dir, "--min-psnr", 200)
     assert r.exit_code == 1 and "gate failed: image dense vs pruned" in r.stderr
     r = invoke("validate", out)
@@ -173,8 +190,111 @@ def test_prune_writes_reloadable_pipeline(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.stderr
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "p" / "unet", use_safetensors=True)
     plan = json.loads((tmp_path / "p" / "pruning_plan.json").read_text())
-    from exporter.masks import prunable_weights
+    from tinyprune.prune.masks import prunable_weights
 
     for name, w in prunable_weights(unet).items():
         assert int((w == 0).sum()) == plan["components"]["unet"]["layers"][name]["zeros"]
         assert int((w == 0).sum()) >= round(0.3 * w.numel())
+    from tinyprune.prune.plan import MaskedComponent, PrunePlan
+
+    typed = PrunePlan.from_dict(plan)  # the on-disk plan reads back typed, and writes out unchanged
+    u = typed.components["unet"]
+    assert isinstance(u, MaskedComponent) and not typed.structured and u.dense_params() is None
+    assert u.layers[name].zeros == plan["components"]["unet"]["layers"][name]["zeros"]
+    assert u.layers[name].pattern is None  # no 2:4 selection ran
+    assert typed.to_dict() == plan and PrunePlan.from_dict(typed.to_dict()) == typed
+    assert typed.sparsity() == {"unet": round(u.sparsity, 6)}
+
+
+def test_choices_are_the_values_the_code_validates():
+    """The CLI's Enums list what config.py and bench/latency.py accept (plus --method auto), in their order."""
+    import cli
+    from tinyprune import config
+    from tinyprune.bench.latency import BENCH_BACKENDS
+
+    def values(enum):
+        return tuple(m.value for m in enum)
+
+    assert values(cli.Method) == config.METHODS + ("auto",)
+    assert values(cli.Pattern) == config.PATTERNS and values(cli.Scope) == config.SCOPES
+    assert values(cli.CostModel) == config.COST_MODELS and values(cli.RecoveryTarget) == config.RECOVERY_TARGETS
+    assert values(cli.BenchBackend) == BENCH_BACKENDS
+    assert set(cli.STRUCTURED_METHODS) <= set(values(cli.Method))
+    for rule in cli.APPLIES.values():  # the applicability table names only real methods and patterns
+        assert set(rule.methods) <= set(config.METHODS) and set(rule.not_patterns) <= set(config.PATTERNS)
+
+
+def test_export_help_groups_options_in_panels():
+    r = invoke("export", "--help")
+    assert r.exit_code == 0
+    titles = [line.strip("╭─╮ ") for line in r.stdout.splitlines() if line.startswith("╭")]
+    assert titles == ["Options", "Input and target", "Method", "Recovery", "Structured", "Gates", "Output"]
+    r = invoke("prune", "--help")
+    assert [line.strip("╭─╮ ") for line in r.stdout.splitlines() if line.startswith("╭")] == [
+        "Options", "Input and target", "Method", "Recovery", "Structured", "Output"]
+    r = invoke("bench", "--help")
+    assert r.exit_code == 0 and "<ort-cpu|ort-cuda|trt|torch" in r.stdout  # the choices, listed by --help
+
+
+@pytest.mark.parametrize("command", ["export", "prune", "sweep"])
+def test_unknown_method_is_a_usage_error(command, tmp_path):
+    r = invoke(command, "--method", "bogus", "--out", tmp_path / "out")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == ("error: unknown --method 'bogus'; known methods: magnitude, l1-grad, diff-pruning, "
+                                "ld-pruner, ecodiff, auto")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_cost_model_and_backend_are_usage_errors(tmp_path):
+    r = invoke("prune", "--method", "ecodiff", "--latency-aware", "--cost-model", "fast", "--out", tmp_path / "out")
+    assert r.exit_code == 2 and r.stderr.strip() == "error: unknown --cost-model 'fast'; known: ort, macs"
+    r = invoke("bench", tmp_path, "--backend", "onnx")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: unknown backend 'onnx'; known: ort-cpu, ort-cuda, trt, torch, torch-cuda"
+
+
+def test_sweep_refuses_existing_out_before_any_work(tiny_dir, tmp_path, monkeypatch):
+    import time
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("sweep loaded the pipeline before checking --out")
+
+    monkeypatch.setattr("tinyprune.workflows.sweep.load_pipeline", no_work)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    t0 = time.monotonic()
+    r = invoke("sweep", "--model", tiny_dir, "--sparsity", "0.2,0.4", "--out", out)
+    assert time.monotonic() - t0 < 2.0
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {out} already exists; pass --force to replace it"
+    assert (out / "sweep.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_run_prints_to_dict_results(monkeypatch, tmp_path):
+    """Results that are frozen dataclasses reach --json and the show functions as their to_dict(), also the
+    result a GateFailed carries."""
+    from dataclasses import dataclass
+
+    from tinyprune.errors import GateFailed
+
+    @dataclass(frozen=True)
+    class Pruned:
+        out: str
+        unet: float
+
+        def to_dict(self) -> dict:
+            return {"out": self.out, "sparsity": {"unet": self.unet}}
+
+    monkeypatch.setattr("tinyprune.workflows.export.prune_to_dir", lambda *a, **k: Pruned("p", 0.25))
+    r = invoke("prune", "--json", "--out", tmp_path / "p")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"out": "p", "sparsity": {"unet": 0.25}}
+    r = invoke("prune", "--out", tmp_path / "p")
+    assert r.exit_code == 0 and r.stdout.strip() == "pruned pipeline written to p: sparsity unet 0.2500"
+
+    def gate_fails(*args, **kwargs):
+        raise GateFailed("gate failed: x", Pruned("q", 0.5))
+
+    monkeypatch.setattr("tinyprune.workflows.export.prune_to_dir", gate_fails)
+    r = invoke("prune", "--json", "--out", tmp_path / "q")
+    assert r.exit_code == 1 and json.loads(r.stdout) == {"out": "q", "sparsity": {"unet": 0.5}}
+    assert r.stderr.strip() == "error: gate failed: x"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from exporter import quality
-from exporter.pipeline import demo_dir, load_pipeline
-from exporter.sampling import sample
+from tinyprune.judge import quality
+from tinyprune.model.pipeline import demo_dir, load_pipeline
+from tinyprune.model.sampling import sample
 
 torch.set_num_threads(2)
-DEMO = Path(str(resources.files("exporter.demo")))
+DEMO = Path(str(resources.files("tinyprune.demo")))
 
 
 @pytest.fixture(scope="module")

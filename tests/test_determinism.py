@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.bundle import MANIFEST, TIMINGS, file_table
+from tinyprune.bench.memory import reset_peak_rss
+from tinyprune.ship.bundle import MANIFEST, TIMINGS, file_table
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export(tiny_dir, out: Path, hash_seed: str) -> None:
-    cmd = [sys.executable, "-m", "cli", "export", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.43",
+    cmd = [sys.executable, "-m", "tinyprune.cli", "export", "--model", str(tiny_dir), "--out", str(out), "--sparsity", "0.43",
            "--target", "jetson", "--image-checks", "2", "--image-steps", "3"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="2"))
@@ -39,4 +40,9 @@ def test_same_command_same_bytes(tiny_dir, tmp_path):
     assert set(json.loads((a / MANIFEST).read_text())["files"]) == set(table_a)
     assert TIMINGS not in table_a and (a / TIMINGS).is_file()
     timings = json.loads((a / TIMINGS).read_text())
-    assert set(timings) == {"seconds", "peak_rss_mb"} and timings["seconds"]["prune"] >= 0
+    assert set(timings) == {"seconds", "peak_rss_mb"}
+    seconds = timings["seconds"]
+    assert {"load", "prune"} <= set(seconds) and seconds["prune"] > 0  # a stage that ran took time
+    # every stage has its peak RSS where the kernel's peak counter can be reset (Linux /proc), none elsewhere
+    assert set(timings["peak_rss_mb"]) == (set(seconds) if reset_peak_rss() else set())
+    assert all(v > 0 for v in timings["peak_rss_mb"].values())

@@ -7,9 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from exporter.groups import (STRUCTURE_FILE, Gates, RemovedAttention, RemovedFeedForward, ResnetBypass,
-                             ValueOnlyAttention, collapse_single_token_attention, find_groups, masks_from_keep,
-                             prunable_params, remove_units, structure_of, unit_sums)
+from tinyprune.model.structure import (STRUCTURE_FILE, RemovedAttention, RemovedFeedForward, ResnetBypass, ValueOnlyAttention, find_groups, structure_of)
+
+from tinyprune.prune.structured.gates import Gates, masks_from_keep
+
+from tinyprune.prune.structured.groups import prunable_params, unit_sums
+
+from tinyprune.prune.structured.surgery import collapse_single_token_attention, remove_units
 
 torch.set_num_threads(2)
 
@@ -159,7 +163,7 @@ def _random_keep(groups, seed=0):
 
 
 def _pruned_tiny():
-    from exporter.pipeline import tiny_pipeline
+    from tinyprune.model.pipeline import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0)
     collapse_single_token_attention(pipe.unet)
@@ -169,7 +173,7 @@ def _pruned_tiny():
 
 
 def test_unet_removal_equals_masking_and_collapse_is_exact():
-    from exporter.pipeline import tiny_pipeline
+    from tinyprune.model.pipeline import tiny_pipeline
 
     unet = tiny_pipeline(seed=0).unet
     x, t, c = _unet_inputs(unet)
@@ -192,7 +196,7 @@ def test_unet_removal_equals_masking_and_collapse_is_exact():
 
 
 def test_save_load_identical_outputs(tmp_path):
-    from exporter.pipeline import load_pipeline, save_pipeline
+    from tinyprune.model.pipeline import load_pipeline, save_pipeline
 
     pipe = _pruned_tiny()
     save_pipeline(pipe, tmp_path / "p")
@@ -210,8 +214,8 @@ def test_save_load_identical_outputs(tmp_path):
 def test_diffusers_own_loader_refuses_and_ours_explains(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from exporter.errors import InputError
-    from exporter.pipeline import load_pipeline, save_pipeline
+    from tinyprune.errors import InputError
+    from tinyprune.model.pipeline import load_pipeline, save_pipeline
 
     save_pipeline(_pruned_tiny(), tmp_path / "p")
     with pytest.raises(ValueError, match="expected shape"):  # diffusers: shape mismatch, never silent

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export(tiny_dir, out: Path, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli", "export", "--model", str(tiny_dir), "--out", str(out), "--force",
+    cmd = [sys.executable, "-m", "tinyprune.cli", "export", "--model", str(tiny_dir), "--out", str(out), "--force",
            "--image-checks", "1", "--image-steps", "2", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -77,7 +77,7 @@ def test_sigkill_then_next_run_cleans_up(tiny_dir, old_bundle):
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert _siblings(out) == []
-    r = subprocess.run([sys.executable, "-m", "cli", "verify", str(out)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tinyprune.cli", "verify", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -90,7 +90,7 @@ def _dead_pid() -> int:
 def test_stale_dirs_of_dead_runs(old_bundle, tmp_path):
     """Unit-level: a dead run's partial dir is removed, a live one's kept; a dead run's `.old-PID` (killed
     between its two renames, --out missing) is put back as the bundle."""
-    from exporter.bundle import check_out_dir, clean_stale
+    from tinyprune.ship.bundle import check_out_dir, clean_stale
 
     out, manifest, _ = old_bundle
     dead, live = _dead_pid(), os.getppid()
@@ -104,7 +104,7 @@ def test_stale_dirs_of_dead_runs(old_bundle, tmp_path):
     assert (out / "manifest.json").read_bytes() == manifest
     assert _siblings(out) == sorted([f".b.partial-{live}", ".b.partial-notapid"])
     # check_out_dir runs it first: the restored bundle is then refused without --force
-    from exporter.errors import InputError
+    from tinyprune.errors import InputError
 
     os.rename(out, tmp_path / f".b.old-{dead}")
     with pytest.raises(InputError, match="already exists; pass --force"):

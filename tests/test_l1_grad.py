@@ -8,15 +8,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.calibration import CalibrationSet
-from exporter.config import DEFAULT_RECOVERY_STEPS, L1GradSpec, PruneSpec, load_profile
-from exporter.errors import InputError
-from exporter.importance.l1_grad import gradient_magnitudes, l1_grad_scores, prune_l1_grad, ramp
-from exporter.importance.magnitude import magnitude
-from exporter.masks import prunable_weights, unstructured
-from exporter.pipeline import tiny_pipeline
-from exporter.recovery import mean_loss, recover
+from tinyprune.cli import app
+from tinyprune.model.calibration import CalibrationSet
+from tinyprune.config import DEFAULT_RECOVERY_STEPS, L1GradSpec, PruneSpec, load_profile
+from tinyprune.errors import InputError
+from tinyprune.prune.importance.l1_grad import gradient_magnitudes, l1_grad_scores, prune_l1_grad, ramp
+from tinyprune.prune.importance.magnitude import magnitude
+from tinyprune.prune.masks import prunable_weights, unstructured
+from tinyprune.model.pipeline import tiny_pipeline
+from tinyprune.prune.recovery import mean_loss, recover
 
 torch.set_num_threads(2)
 
@@ -152,6 +152,8 @@ def test_options_validated_and_defaults():
                             ({"iterations": 0}, "--iterations must be an integer >= 1"),
                             ({"recovery_steps": -5}, "--recovery-steps must be an integer >= 0"),
                             ({"l1": float("nan")}, "--l1 must be a finite number >= 0"),
+                            ({"lr": -1.0}, "^lr must be a finite number >= 0"),  # Python API only: no --lr
+                            ({"lr": 0.0}, "^lr must be > 0"),
                             ({"recovery_target": "teacher"}, "unknown --recovery-target 'teacher'; known: distill, noise")]:
         with pytest.raises(InputError, match=message):
             L1GradSpec.parse(**kwargs)
@@ -186,7 +188,13 @@ def test_cli_prune_l1_grad(tiny_dir, tmp_path, image_dir):
     plan = json.loads((out / "pruning_plan.json").read_text())
     g = plan["components"]["unet"]["l1_grad"]
     assert (g["beta"], g["iterations"], g["recovery_steps"], g["recovery_target"]) == (2.0, 2, 4, "distill")
-    assert len(g["schedule"]) == 2 and g["regrown"] >= 0
+    steps = g["schedule"]
+    assert len(steps) == 2 and steps[0]["regrown_at_prune"] == 0  # nothing was pruned before the first step
+    assert g["regrown"] == sum(s["regrown_at_prune"] + s["regrown_in_recovery"] for s in steps)
+    # Step 2 re-scores with the recovered model's gradients (beta 2 weighs them heavily), so weights step 1 pruned
+    # come back (58371 here), at most all that step 1 pruned (295606 of the tiny UNet's 785664).
+    n = sum(w.numel() for w in prunable_weights(tiny_pipeline(seed=0).unet).values())
+    assert 0 < steps[1]["regrown_at_prune"] <= round(ramp(0.43, 1, 2) * n)
     assert "calibration: 8 latents in 1 batches (images from" in r.stderr
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from exporter.bake import apply_masks
-from exporter.masks import n_of_m, nm_eligible, prunable_weights, sparsity_of, unstructured
-from exporter.onnx_sparsity import is_n_of_m
+from tinyprune.prune.bake import apply_masks
+from tinyprune.prune.masks import n_of_m, nm_eligible, prunable_weights, sparsity_of, unstructured
+from tinyprune.export.metadata import is_n_of_m
 
 
 def _scores(seed=0):

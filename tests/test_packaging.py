@@ -1,4 +1,5 @@
-"""A plain (non-editable) `pip install .` must carry the profiles, calibration lists and the demo pipeline."""
+"""A plain (non-editable) `pip install .` carries the profiles, calibration lists, demo pipeline and every stage package,
+and installs nothing under a name other than tinyprune."""
 
 import subprocess
 import sys
@@ -15,11 +16,11 @@ def test_plain_install_ships_package_data(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True)
     code = (
-        "import exporter, json;"
-        "from exporter.config import list_profiles;"
-        "from exporter.calibration import default_classes;"
-        "from exporter.pipeline import demo_dir;"
-        "print(json.dumps([exporter.__file__, len(list_profiles()), default_classes(),"
+        "import tinyprune, tinyprune.cli, json;"
+        "from tinyprune.config import list_profiles;"
+        "from tinyprune.model.calibration import default_classes;"
+        "from tinyprune.model.pipeline import demo_dir;"
+        "print(json.dumps([tinyprune.__file__, len(list_profiles()), default_classes(),"
         " sorted(p.name for p in demo_dir().iterdir())]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -32,3 +33,10 @@ def test_plain_install_ships_package_data(tmp_path):
     assert n_profiles == 9
     assert classes == list(range(10))
     assert {"model_index.json", "unet", "vae", "scheduler", "class_embedder"} <= set(demo_files)
+    # bin/ holds the console script, not an importable name
+    top_level = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin"}
+    assert top_level == {"tinyprune"}, top_level
+    installed = {p.parent.relative_to(target / "tinyprune") for p in (target / "tinyprune").rglob("__init__.py")}
+    in_tree = {p.parent.relative_to(ROOT / "exporter") for p in (ROOT / "exporter").rglob("__init__.py")}
+    assert in_tree <= installed, f"stage packages missing from pyproject's packages: {in_tree - installed}"
+    assert (target / "tinyprune" / "cli.py").read_text() == (ROOT / "cli.py").read_text()

@@ -7,8 +7,8 @@ from importlib import resources
 
 import pytest
 
-from exporter.config import DeviceProfile, load_profile, parse_profile, profile_names
-from exporter.errors import InputError
+from tinyprune.config import DeviceProfile, load_profile, parse_profile, profile_names
+from tinyprune.errors import InputError
 
 # name -> (compute_capability, sparse_tensor_cores, jetpack, trt_version, max_opset, dla_cores, precisions)
 # Each value is documented, with its source, in the comments of profiles/<name>.toml.
@@ -34,7 +34,7 @@ def _all() -> list[DeviceProfile]:
 
 
 def _shipped_text(name: str) -> str:
-    return resources.files("exporter.profiles").joinpath(f"{name}.toml").read_text()
+    return resources.files("tinyprune.profiles").joinpath(f"{name}.toml").read_text()
 
 
 def test_exactly_the_expected_profiles_ship():

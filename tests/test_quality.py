@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from exporter import quality
-from exporter.quality import frechet_distance, psnr, sample_grid, ssim, sweep_plot
+from tinyprune.judge import quality
+from tinyprune.judge.quality import frechet_distance, psnr, sample_grid, ssim, sweep_plot
 
 torch.set_num_threads(2)
 
@@ -173,7 +173,7 @@ def test_sweep_plot_writes_a_png(tmp_path):
 # --------------------------------------------------------------------------- evaluate
 
 def test_evaluate_is_deterministic_and_lossless_against_itself(classifier, real):
-    from exporter.pipeline import tiny_pipeline
+    from tinyprune.model.pipeline import tiny_pipeline
 
     pipe, other = tiny_pipeline(seed=0), tiny_pipeline(seed=1)
     real_feats = quality.features(classifier, real[0])

@@ -3,11 +3,12 @@ and the accuracy gate fails: that is the failing path, with exact messages)."""
 
 import json
 import math
+from dataclasses import replace
 
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.quality_gate import QualityResult
+from tinyprune.cli import app
+from tinyprune.judge.gates import QualityResult
 
 runner = CliRunner()
 
@@ -26,7 +27,38 @@ def test_quality_result_gates():
     assert _result(11.5, 0.95).failures() == ["FD ratio 1.150 > 1.1"]
     assert _result(10.0, 0.85).failures() == ["class accuracy 0.850 < 0.9"]
     assert not _result(12.0, 0.5)
-    assert _result(10.0, 0.95).to_dict()["psnr_db"] == "inf"
+    assert _result(10.0, 0.95).to_dict()["psnr_db"] is None  # infinite: JSON null, never a string
+    assert replace(_result(10.0, 0.95), dense_fd=0.0).to_dict()["fd_ratio"] is None
+
+
+def test_skipped_image_check_is_a_typed_result():
+    from tinyprune.judge.drift import ImageDrift
+
+    d = ImageDrift.skip("image dense vs pruned", 14.0, "--image-checks 0")
+    assert d and d.skipped and d.psnr_db is None and d.max_abs is None and d.reason == "--image-checks 0"
+    assert d.failures() == []
+    assert d.to_dict() == {"name": "image dense vs pruned", "psnr_db": None, "max_abs": None, "min_psnr_db": 14.0,
+                           "ok": True, "skipped": True, "reason": "--image-checks 0"}
+    ran = ImageDrift("image dense vs pruned", 12.0, 0.5, 14.0)
+    assert not ran and not ran.skipped and ran.failures() == ["image dense vs pruned"]
+    assert ran.to_dict()["skipped"] is False and ran.to_dict()["reason"] is None
+
+
+def test_verdict_names_the_failed_gates_in_check_order():
+    from tinyprune.judge.checks import Checked, verdict
+    from tinyprune.judge.drift import Drift, ImageDrift
+    from tinyprune.judge.gates import LatencyBudget
+
+    checked = Checked({"onnx_drift": (Drift("unet.out_sample (batch 2)", 1.0, 0.1, 1.0, 1e-3),),
+                       "image_drift": (ImageDrift.skip("image dense vs pruned", 14.0, "--image-checks 0"),),
+                       "quality": (_result(10.0, 0.85),)})
+    assert checked.verdict.failed == ("unet.out_sample (batch 2)", "class accuracy 0.850 < 0.9")
+    assert checked.verdict.message() == "gate failed: unet.out_sample (batch 2), class accuracy 0.850 < 0.9"
+    d = checked.to_dict()
+    assert d["checks"] == ["onnx_drift", "image_drift", "quality"] and d["ok"] is False
+    assert d["failed"] == list(checked.verdict.failed) and d["image_drift"]["skipped"] is True
+    assert verdict([LatencyBudget("unet", 1.0, 0.5)]) and not verdict([LatencyBudget("unet", 1.0, 2.0)])
+    assert verdict([LatencyBudget("unet", 1.0, 2.0)]).failed == ("unet p50 2 ms > 1 ms",)
 
 
 def test_export_quality_opt_in_on_other_pipelines(tiny_dir, tmp_path):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from exporter.compare import psnr
-from exporter.np_schedulers import DDIM, Euler, make_scheduler, torch_linspace
+from tinyprune.cli import app
+from tinyprune.judge.drift import psnr
+from tinyprune.runtime.schedulers import DDIM, Euler, make_scheduler, torch_linspace
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -97,7 +97,7 @@ def test_karras_timesteps_follow_diffusers():
 
 
 def test_unsupported_scheduler_options_refused():
-    from exporter.errors import InputError
+    from tinyprune.errors import InputError
 
     with pytest.raises(InputError, match="thresholding"):
         DDIM({"thresholding": True})
@@ -108,8 +108,8 @@ def test_unsupported_scheduler_options_refused():
 
 
 def test_initial_noise_is_the_pipelines():
-    from exporter.runtime import initial_noise
-    from exporter.sampling import initial_noise as torch_side
+    from tinyprune.runtime.generate import initial_noise
+    from tinyprune.model.sampling import initial_noise as torch_side
 
     assert np.array_equal(initial_noise(7, 3, 4, 8), torch_side(7, 3, 4, 8))
 
@@ -127,13 +127,36 @@ def test_bundle_carries_runtime_files(bundle):
     assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "squaredcos_cap_v2"
     readme = (rt / "README.md").read_text()
     assert "pip install onnxruntime numpy pillow" in readme
-    assert "python -m exporter.runtime .. --class 3 --steps 20 --seed 0 --out imgs" in readme
+    assert "python -m tinyprune.runtime .. --class 3 --steps 20 --seed 0 --out imgs" in readme
     manifest = json.loads((out / "manifest.json").read_text())
-    for rel in ("runtime/conditioning.npz", "runtime/shapes.json", "runtime/exporter/runtime.py",
-                "runtime/exporter/np_schedulers.py"):
+    for rel in ("runtime/conditioning.npz", "runtime/shapes.json", "runtime/tinyprune/runtime/generate.py",
+                "runtime/tinyprune/runtime/schedulers.py"):
         assert rel in manifest["files"], rel
-    for name in ("errors.py", "runners.py", "np_schedulers.py", "runtime.py"):
-        assert (rt / "exporter" / name).read_bytes() == (ROOT / "exporter" / name).read_bytes()
+    source = ROOT / "exporter" / "runtime"
+    copied = {p.relative_to(rt / "tinyprune" / "runtime") for p in (rt / "tinyprune" / "runtime").rglob("*.py")}
+    assert copied == {p.relative_to(source) for p in source.rglob("*.py")}
+    for rel in copied:
+        assert (rt / "tinyprune" / "runtime" / rel).read_bytes() == (source / rel).read_bytes()
+
+
+def test_runtime_package_is_import_closed():
+    """The bundle copies runtime/ whole: nothing in it may import the rest of tinyprune, torch or diffusers."""
+    import ast
+
+    for path in (ROOT / "exporter" / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                assert node.level == 1 or not mod.startswith("tinyprune"), f"{path.name} imports {mod}"
+                assert node.level <= 1, f"{path.name} imports outside the runtime package"
+                assert mod.split(".")[0] not in ("torch", "diffusers", "transformers"), f"{path.name}: {mod}"
+            elif isinstance(node, ast.Import):
+                # trt.py alone takes torch, lazily, for CUDA buffers of --backend trt (a GPU machine has it)
+                allowed = {"torch"} if path.name == "trt.py" else set()
+                for alias in node.names:
+                    top = alias.name.split(".")[0]
+                    assert top not in {"tinyprune", "torch", "diffusers", "transformers"} - allowed, \
+                        f"{path.name} imports {alias.name}"
 
 
 BLOCKER = textwrap.dedent('''
@@ -175,7 +198,8 @@ def test_runtime_runs_without_torch_and_matches_pytorch(bundle, no_torch_env, tm
     env, log = no_torch_env
     args = [str(out)] + [a for c in LABELS for a in ("--class", str(c))] + ["--steps", "10", "--seed", "0", "--npy",
                                                                             "--quiet"]
-    proc = subprocess.run([sys.executable, "-m", "exporter.runtime", *args, "--out", str(tmp_path / "a")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tinyprune.runtime", *args, "--out", str(tmp_path / "a")],
+                          cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not log.exists(), f"the runtime tried to import: {log.read_text()}"
@@ -187,9 +211,9 @@ def test_runtime_runs_without_torch_and_matches_pytorch(bundle, no_torch_env, tm
     assert [Path(f).name for f in result["files"]] == [f"{i:02d}_class{c}_seed0.png" for i, c in enumerate(LABELS)]
     assert all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in pngs)
 
-    # The same images as the PyTorch pipeline (exporter.sampling.sample: same seed, labels, initial noise, DDIM).
-    from exporter.pipeline import load_pipeline
-    from exporter.sampling import sample
+    # The same images as the PyTorch pipeline (tinyprune.model.sampling.sample: same seed, labels, initial noise, DDIM).
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.model.sampling import sample
 
     ref = sample(load_pipeline(out / "pruned"), LABELS, seed=0, steps=10).numpy()
     got = np.load(tmp_path / "a" / "images.npy")
@@ -198,10 +222,12 @@ def test_runtime_runs_without_torch_and_matches_pytorch(bundle, no_torch_env, tm
     ref8 = (ref.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
     assert psnr(ref8, np.stack(pngs), 255.0) > 40
 
-    # The bundle's own copy of the runtime, tinyprune not on the path: the same bytes.
-    code = ("import sys, exporter.runtime as r; assert r.__file__.startswith(sys.argv[1]), r.__file__; "
-            "sys.exit(r.main(sys.argv[2:]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(out / "runtime"), *args, "--out", str(tmp_path / "b")],
+    # The bundle's own copy of the runtime, run as its README says, from BUNDLE/runtime: the same bytes.
+    check = "import sys, tinyprune.runtime as r; assert r.__file__.startswith(sys.argv[1]), r.__file__"
+    proc = subprocess.run([sys.executable, "-c", check, str(out / "runtime")], cwd=out / "runtime", env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tinyprune.runtime", *args, "--out", str(tmp_path / "b")],
                           cwd=out / "runtime", env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not log.exists()
@@ -214,8 +240,8 @@ def test_euler_runtime_matches_diffusers_loop(bundle):
     torch = pytest.importorskip("torch")
     from diffusers import EulerDiscreteScheduler
 
-    from exporter.pipeline import load_pipeline
-    from exporter.runtime import Runtime, initial_noise
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.runtime.generate import Runtime, initial_noise
 
     out, _ = bundle
     pipe = load_pipeline(out / "pruned")
@@ -279,7 +305,7 @@ def test_export_reports_runtime_drift(bundle):
     out, result = bundle
     (d,) = result["runtime_drift"]
     assert d["name"] == "image runtime (ort-cpu) vs PyTorch, pruned"
-    assert d["ok"] and (d["psnr_db"] == "inf" or d["psnr_db"] > 40) and d["max_abs"] < 1e-3
+    assert d["ok"] and (d["psnr_db"] is None or d["psnr_db"] > 40) and d["max_abs"] < 1e-3  # None: infinite
     assert d["min_psnr_db"] == 30.0  # the profile's default gate
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["runtime_drift"] == result["runtime_drift"]
@@ -287,7 +313,7 @@ def test_export_reports_runtime_drift(bundle):
 
 
 def test_validate_runtime_drift_dense_and_pruned(bundle, tiny_dir, tmp_path):
-    from exporter.export import export
+    from tinyprune.workflows.export import export
 
     out, _ = bundle
     dense = tmp_path / "dense"
@@ -298,7 +324,7 @@ def test_validate_runtime_drift_dense_and_pruned(bundle, tiny_dir, tmp_path):
     drift = {d["name"]: d for d in json.loads(r.stdout)["runtime_drift"]}
     assert set(drift) == {"image runtime (ort-cpu) vs PyTorch, pruned", "image runtime (ort-cpu) vs PyTorch, dense"}
     for d in drift.values():
-        assert d["ok"] and (d["psnr_db"] == "inf" or d["psnr_db"] > 40)
+        assert d["ok"] and (d["psnr_db"] is None or d["psnr_db"] > 40)
     r = runner.invoke(app, ["validate", str(out), "--model", str(tiny_dir), "--dense", str(out), "--image-checks", "1",
                             "--image-steps", "1"], catch_exceptions=False)
     assert r.exit_code == 2 and "is not a dense bundle (sparsity 0.43)" in r.stderr
@@ -307,14 +333,14 @@ def test_validate_runtime_drift_dense_and_pruned(bundle, tiny_dir, tmp_path):
 def test_runtime_gate_fails_and_old_bundles_skip(bundle, tmp_path):
     from dataclasses import replace
 
-    from exporter.config import load_profile
-    from exporter.pipeline import load_pipeline
-    from exporter.runtime_files import runtime_check, torch_e2e_reference
+    from tinyprune.config import load_profile
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.judge.runtime_check import runtime_check, torch_e2e_reference
 
     out, _ = bundle
     ref = torch_e2e_reference(load_pipeline(out / "pruned"), steps=3, n=1)
     strict = replace(load_profile("jetson"), min_runtime_psnr_db=1000.0)
     d = runtime_check(out, ref, strict, "pruned", steps=3)
-    assert d["ok"] is False and d["min_psnr_db"] == 1000.0
+    assert not d and d.to_dict()["ok"] is False and d.min_psnr_db == 1000.0
     d = runtime_check(tmp_path, ref, strict, "pruned", steps=3)
-    assert d["ok"] and d["skipped"] and "no runtime/" in d["reason"]
+    assert d and d.skipped and d.psnr_db is None and "no runtime/" in d.reason

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.allocate import Target, allocate, count_macs, removed_params, unit_macs, token_counts
-from exporter.calibration import CalibrationSet
-from exporter.config import DEFAULT_STRUCTURED_RECOVERY_STEPS, L1GradSpec, PruneSpec, StructuredSpec, load_profile
-from exporter.errors import InputError
-from exporter.groups import find_groups, prunable_params
-from exporter.pipeline import tiny_pipeline
-from exporter.structured import prune_structured
+from tinyprune.prune.structured.allocation import Target, allocate, removed_params
+
+from tinyprune.prune.structured.cost import count_macs, unit_macs, token_counts
+from tinyprune.model.calibration import CalibrationSet
+from tinyprune.config import DEFAULT_STRUCTURED_RECOVERY_STEPS, L1GradSpec, PruneSpec, StructuredSpec, load_profile
+from tinyprune.errors import InputError
+from tinyprune.model.structure import find_groups
+from tinyprune.prune.structured.groups import prunable_params
+from tinyprune.model.pipeline import tiny_pipeline
+from tinyprune.prune.structured.run import prune_structured
 
 torch.set_num_threads(2)
 CPU = load_profile("x86-cpu")
@@ -42,11 +45,11 @@ def test_each_method_hits_the_parameter_fraction(method):
     pipe = tiny_pipeline(seed=0)
     dense = prunable_params(pipe.unet)
     plan = prune_structured(pipe, _spec(method), _batches(pipe, 4), score_options=FAST[method])
-    u = plan["components"]["unet"]
-    assert plan["pattern"] == "channel" and u["params_dense"] == dense
-    assert u["params"] == prunable_params(pipe.unet)
-    assert abs(u["params_removed"] - 0.43) <= 0.01, u["params_removed"]
-    assert u["macs"] < u["macs_dense"]
+    u = plan.components["unet"]
+    assert plan.pattern == "channel" and plan.structured and u.params_dense == dense
+    assert u.params == prunable_params(pipe.unet)
+    assert abs(u.params_removed - 0.43) <= 0.01, u.params_removed
+    assert u.macs < u.macs_dense
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():  # still a working UNet of the same interface
         assert pipe.unet(x, torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 1, 32)).sample.shape == x.shape
@@ -66,7 +69,7 @@ class _Identity(torch.nn.Module):
 
 
 def test_diff_pruning_stops_at_the_threshold():
-    from exporter.importance.taylor_timestep import taylor_timestep
+    from tinyprune.prune.importance.taylor_timestep import taylor_timestep
 
     pipe = tiny_pipeline(seed=0)
     info = {}
@@ -107,13 +110,13 @@ def test_target_macs_and_latency_aware_by_macs():
     pipe = tiny_pipeline(seed=0)
     plan = prune_structured(pipe, _spec("diff-pruning", target_macs=0.5, latency_aware=True, cost_model="macs"),
                             _batches(pipe), score_options=FAST["diff-pruning"])
-    u = plan["components"]["unet"]
-    assert u["macs"] <= 0.5 * u["macs_dense"] * 1.02 and u["allocation"]["cost"] == "MACs"
-    assert u["macs"] == count_macs(pipe.unet)
+    u = plan.components["unet"]
+    assert u.macs <= 0.5 * u.macs_dense * 1.02 and u.allocation["cost"] == "MACs"
+    assert u.macs == count_macs(pipe.unet)
 
 
 def test_ort_cost_table_covers_groups():
-    from exporter.allocate import ort_cost_table
+    from tinyprune.prune.structured.cost import ort_cost_table
 
     pipe = tiny_pipeline(seed=0)
     groups = find_groups(pipe.unet)
@@ -144,17 +147,19 @@ def test_config_resolution():
 def test_save_load_export_round_trip(tmp_path):
     import onnx
 
-    from exporter.components import UNET, export_spec
-    from exporter.onnx_export import MAX_EXPORT_OPSET, export_component
-    from exporter.onnx_sparsity import PREFIX, check_claims, read_metadata
-    from exporter.pipeline import load_pipeline, save_pipeline
-    from exporter.runners import OrtRunner, TorchRunner
+    from tinyprune.export.specs import component_spec, export_spec
+    from tinyprune.export.writer import MAX_EXPORT_OPSET, export_component
+    from tinyprune.export.metadata import PREFIX, check_claims, read_metadata
+    from tinyprune.model.pipeline import load_pipeline, save_pipeline
+    from tinyprune.judge.torch_runner import TorchRunner
+    from tinyprune.runtime.runners import OrtRunner
 
     pipe = tiny_pipeline(seed=0)
     plan = prune_structured(pipe, _spec("diff-pruning"), _batches(pipe, 2), score_options=FAST["diff-pruning"])
     save_pipeline(pipe, tmp_path / "pruned")
     back = load_pipeline(tmp_path / "pruned")
-    feed = UNET.dummy_feed(back, 2, 8, seed=3)
+    UNET = component_spec(back, "unet")
+    feed = UNET.dummy_feed(2, 8, seed=3)
     ref = TorchRunner(UNET.module(pipe), UNET.inputs, UNET.outputs)
     got = TorchRunner(UNET.module(back), UNET.inputs, UNET.outputs)
     with ref, got:
@@ -162,18 +167,18 @@ def test_save_load_export_round_trip(tmp_path):
     assert np.array_equal(a, b)  # save -> load: zero difference
     xspec = export_spec(back, CPU, MAX_EXPORT_OPSET)
     path = tmp_path / "unet" / "model.onnx"
-    u = plan["components"]["unet"]
+    u = plan.components["unet"]
     meta = {"version": "0", "method": "diff-pruning", "pattern": "channel", "profile": CPU.name, "source_sha256": "x",
-            "params_dense": u["params_dense"]}
+            "params_dense": u.dense_params()}
     stamped = export_component(back, UNET, xspec, path, meta)
     with OrtRunner(path) as ort_runner:
         onnx_out = ort_runner(feed)["out_sample"]
     assert np.abs(onnx_out - b).max() <= UNET.tolerance(CPU)
     assert stamped[PREFIX + "pattern"] == "channel" and stamped[PREFIX + "sparsity"] == "0.000000"
-    assert int(stamped[PREFIX + "params"]) == u["params"]
-    assert float(stamped[PREFIX + "params_removed"]) == pytest.approx(u["params_removed"], abs=1e-6)
+    assert int(stamped[PREFIX + "params"]) == u.params
+    assert float(stamped[PREFIX + "params_removed"]) == pytest.approx(u.params_removed, abs=1e-6)
     model = onnx.load(str(path))
-    assert check_claims(model) == [] and read_metadata(model)[PREFIX + "params_dense"] == str(u["params_dense"])
+    assert check_claims(model) == [] and read_metadata(model)[PREFIX + "params_dense"] == str(u.params_dense)
     for p in model.metadata_props:
         if p.key == PREFIX + "params_removed":
             p.value = "0.600000"
@@ -184,13 +189,13 @@ def test_cli_prune_structured(tiny_dir, tmp_path, monkeypatch):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from cli import app
-    from exporter.pipeline import load_pipeline
+    from tinyprune.cli import app
+    from tinyprune.model.pipeline import load_pipeline
 
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    monkeypatch.setattr("exporter.importance.taylor_timestep.DEFAULT_STRIDE", 250)  # 4 timesteps: a fast test
+    monkeypatch.setattr("tinyprune.prune.importance.taylor_timestep.DEFAULT_STRIDE", 250)  # 4 timesteps: a fast test
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
     out = tmp_path / "pruned"
@@ -204,6 +209,12 @@ def test_cli_prune_structured(tiny_dir, tmp_path, monkeypatch):
     assert rec["steps"] == 5 and rec["loss_after"] < rec["loss_before"]  # distilled towards the dense UNet
     assert plan["pattern"] == "channel" and (out / "unet" / "structure.json").is_file()
     assert prunable_params(load_pipeline(out).unet) == plan["components"]["unet"]["params"]
+    from tinyprune.prune.plan import PrunePlan, StructuredComponent
+
+    typed = PrunePlan.from_dict(plan)  # the on-disk plan reads back typed, and writes out unchanged
+    assert isinstance(typed.components["unet"], StructuredComponent) and typed.structured
+    assert typed.components["unet"].recovery == rec and typed.to_dict() == plan
+    assert PrunePlan.from_dict(typed.to_dict()) == typed
     r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "magnitude", "--pattern", "channel",
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "structured method" in r.stderr

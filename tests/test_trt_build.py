@@ -4,6 +4,7 @@ tensorrt, and a real engine build where tensorrt and a GPU are present."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,15 +21,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter import trt_build
-from exporter.bundle import sha256_file
-from exporter.config import load_profile
-from exporter.errors import BackendMissing, InputError
-from exporter.trt_build import (
+from tinyprune.ship import tensorrt as trt_build
+from tinyprune.ship.bundle import sha256_file
+from tinyprune.config import load_profile
+from tinyprune.errors import BackendMissing, InputError
+from tinyprune.ship.tensorrt import (
     NOTICE, SparseLayerReport, _log_line, build, parse_build_log, shape_spec, trt_version_tuple, trtexec_command,
     unpicked_2to4_tensors, weight_consumers, write_build_script,
 )
-from exporter.trt_runner import TrtRunner
+from tinyprune.runtime.trt import TrtRunner
 
 LOGS = Path(__file__).parent / "data" / "trt_logs"
 
@@ -416,6 +417,46 @@ def test_build_reads_logs_copied_back_from_the_device(tmp_path, no_tensorrt):
     assert sparse["reported"] is False and sparse["unpicked_2to4"] == []  # TensorRT said nothing: no claim
 
 
+def _half_dump(obj, fp, **kw):
+    """json.dump that dies after writing half the document, as a full disk would."""
+    text = json.dumps(obj, **kw)
+    fp.write(text[: len(text) // 2])
+    fp.flush()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _io_error(*args, **kwargs):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.parametrize("fail_at", ["dump", "fsync", "replace"])
+def test_build_never_leaves_a_half_written_manifest(tmp_path, no_tensorrt, monkeypatch, fail_at):
+    make_bundle(tmp_path)
+    build(tmp_path, None, require_engine=False)
+    manifest = tmp_path / "manifest.json"
+    before = manifest.read_bytes()
+    listing = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    # A log copied back from the device: the next build's manifest differs from the one on disk.
+    (tmp_path / "build" / "unet.build.log").write_text("[TRT] [I] built without --sparsity\n")
+    with monkeypatch.context() as m:
+        if fail_at == "dump":
+            m.setattr(json, "dump", _half_dump)
+        else:
+            m.setattr(os, fail_at, _io_error)
+        with pytest.raises(OSError):
+            build(tmp_path, None, require_engine=False)
+    assert manifest.read_bytes() == before  # the old manifest, whole
+    assert "build/unet.build.log" not in json.loads(before)["files"]
+    # No temp file left beside it: the tree is the old one plus the log this test wrote.
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) \
+        == sorted(listing + ["build/unet.build.log"])
+    build(tmp_path, None, require_engine=False)  # the write works again once the disk does
+    files = json.loads(manifest.read_text())["files"]
+    assert files["build/unet.build.log"] == sha256_file(tmp_path / "build" / "unet.build.log")
+    # The replacement has a plain file's mode (umask applied), not a private temp file's 0600.
+    assert stat.S_IMODE(manifest.stat().st_mode) == stat.S_IMODE((tmp_path / "build" / "README.md").stat().st_mode)
+
+
 # ---- the engine runner -------------------------------------------------------------------------------------
 
 def test_trt_runner_without_engine_or_tensorrt(tmp_path, no_tensorrt):
@@ -433,7 +474,7 @@ def test_trt_runner_without_engine_or_tensorrt(tmp_path, no_tensorrt):
 
 
 def test_modules_import_neither_tensorrt_nor_torch():
-    code = ("import sys, exporter.trt_build, exporter.trt_runner; "
+    code = ("import sys, tinyprune.ship.tensorrt, tinyprune.runtime.trt; "
             "print(sorted(m for m in ('tensorrt', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,17 +10,17 @@ from onnx import numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from exporter import two_four
-from exporter.calibration import CalibrationSet
-from exporter.config import L1GradSpec, PruneSpec, load_profile
-from exporter.importance.l1_grad import gradient_magnitudes, l1_grad_scores
-from exporter.importance.magnitude import magnitude
-from exporter.masks import n_of_m, prunable_weights
-from exporter.onnx_sparsity import is_n_of_m
-from exporter.pipeline import tiny_pipeline
-from exporter.prune import prune
-from exporter.recovery import mean_loss
+from tinyprune.cli import app
+from tinyprune.prune import two_four
+from tinyprune.model.calibration import CalibrationSet
+from tinyprune.config import L1GradSpec, PruneSpec, load_profile
+from tinyprune.prune.importance.l1_grad import gradient_magnitudes, l1_grad_scores
+from tinyprune.prune.importance.magnitude import magnitude
+from tinyprune.prune.masks import n_of_m, prunable_weights
+from tinyprune.export.metadata import is_n_of_m
+from tinyprune.model.pipeline import tiny_pipeline
+from tinyprune.prune.run import prune
+from tinyprune.prune.recovery import mean_loss
 
 torch.set_num_threads(2)
 
@@ -80,7 +80,7 @@ def test_prune_two_four_valid(batches, method):
     grads = gradient_magnitudes(pipe.unet, batches)
     spec, _ = PruneSpec.resolve(method, 0.3, "2:4", "global", False, load_profile("jetson"),
                                 l1grad=L1GradSpec.parse(recovery_steps=0))
-    plan = prune(pipe, spec, batches)
+    plan = prune(pipe, spec, batches).to_dict()
     layers = plan["components"]["unet"]["layers"]
     weights = prunable_weights(pipe.unet)
     chosen = [n for n, d in layers.items() if d.get("pattern") == "2:4"]
@@ -108,7 +108,7 @@ def test_recovery_keeps_two_four(batches):
     pipe = tiny_pipeline(seed=0)
     spec, _ = PruneSpec.resolve("magnitude", 0.3, "2:4", "global", False, load_profile("jetson"),
                                 l1grad=L1GradSpec.parse(recovery_steps=4, l1=0.0))
-    plan = prune(pipe, spec, batches)
+    plan = prune(pipe, spec, batches).to_dict()
     unet = plan["components"]["unet"]
     rec = unet["recovery"]
     assert rec["steps"] == 4 and rec["loss_before"] > 0

@@ -1,0 +1,53 @@
+"""The torch-free runtime judged against PyTorch: the bundle's own loop and the PyTorch pipeline make the same images
+from the same seed, conditions and initial noise (DDIM), gated on the profile's min_runtime_psnr_db."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tinyprune.judge.drift import IMAGE_SEED, ImageDrift
+from tinyprune.runtime.generate import RUNTIME_DIR, SHAPES_FILE
+
+E2E_LABELS = 4  # conditions in the runtime-vs-PyTorch check: a numerical check, a few images suffice
+
+
+def runtime_check(bundle_dir: Path, ref, profile, what: str, steps: int | None = None):
+    """runtime_drift(...), or a skipped ImageDrift (no gate) when ref is None or the bundle has no runtime/
+    (made by a tinyprune before the runtime existed)."""
+
+    reason = None
+    if ref is None:
+        reason = "--image-checks 0"
+    elif not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
+        reason = "no runtime/ in this bundle: re-export it"
+    if reason:
+        return ImageDrift.skip(f"image runtime (ort-cpu) vs PyTorch, {what}", profile.min_runtime_psnr_db, reason)
+    return runtime_drift(bundle_dir, ref, profile, what, steps)
+
+
+def e2e_labels(pipe, n: int | None = None) -> list:
+    """The first min(n, E2E_LABELS) of the family's check conditions (n: the export's --image-checks)."""
+    return pipe.family.check_conditions(E2E_LABELS if n is None else min(n, E2E_LABELS))
+
+
+def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None) -> np.ndarray:
+    """The PyTorch pipeline's images for the runtime check (tinyprune.model.sampling.sample, DDIM, seed IMAGE_SEED)."""
+    from tinyprune.model.sampling import DEFAULT_STEPS, sample
+
+    return sample(pipe, e2e_labels(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy()
+
+
+def runtime_drift(bundle_dir: Path, ref: np.ndarray, profile, what: str, steps: int | None = None,
+                  backend: str = "ort-cpu"):
+    """The runtime's images (same seed, labels and initial noise, DDIM) against PyTorch's `ref`; an ImageDrift
+    gated on profile.min_runtime_psnr_db."""
+    from tinyprune.runtime.generate import Runtime
+    from tinyprune.model.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    labels = list(range(len(ref)))
+    with Runtime(bundle_dir, backend) as rt:
+        got = rt.generate(labels, seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, scheduler="ddim",
+                          guidance=DEFAULT_GUIDANCE)
+    return ImageDrift.of(f"image runtime ({backend}) vs PyTorch, {what}", ref, got, profile.min_runtime_psnr_db)

@@ -1,0 +1,212 @@
+"""Load and save diffusers pipelines from local dirs (safetensors only), and the default pipeline.
+
+A pipeline dir is diffusers' layout: model_index.json, unet/, vae/, scheduler/ and the conditioner its family
+adapter names (model/families/). Every component is loaded with diffusers' own
+`from_pretrained(use_safetensors=True)`; pickle weights are refused before anything is read. The scheduler is
+loaded as the class its config names, so a bundle records the pipeline's own scheduler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from tinyprune.errors import InputError, TinypruneError
+from tinyprune.model.families import Family, family_for
+from tinyprune.model.families.class_label import ClassEmbedder
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "DDPMScheduler", "PNDMScheduler")
+
+
+@dataclass
+class Pipeline:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: object
+    conditioner: torch.nn.Module
+    index: dict
+    root: Path | None = None
+
+    @property
+    def noise_scheduler(self):
+        """The forward (noising) process the UNet was trained with, whatever sampler the pipeline ships: what
+        calibration batches, scores and recovery noise with (as diffusers' training scripts use DDPMScheduler)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    @property
+    def family(self) -> Family:
+        """The adapter through which every stage outside model/ conditions, encodes, decodes and exports."""
+        return family_for(self.index, str(self.root or "pipeline"))(self)
+
+    @property
+    def latent_size(self) -> int:
+        size = self.unet.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def eval(self) -> "Pipeline":
+        for m in (self.unet, self.vae, self.conditioner):
+            m.eval().requires_grad_(False)
+        return self
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a JSON object")
+    return data
+
+
+def _check_weights(sub: Path) -> None:
+    """Refuse pickle-only or weightless component dirs before diffusers touches them."""
+    names = [p.name for p in sub.iterdir()] if sub.is_dir() else []
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise InputError(
+            f"{sub} holds only pickle weights ({pickles[0]}); tinyprune loads safetensors only because "
+            "unpickling can run arbitrary code: convert them to safetensors on a machine you trust"
+        )
+    raise InputError(f"{sub} has no weights (no .safetensors file)")
+
+
+def _load_component(cls, root: Path, name: str):
+    sub = root / name
+    if not sub.is_dir():
+        raise InputError(f"{root} is not a complete pipeline: component dir '{name}/' is missing")
+    _read_json(sub / "config.json")
+    _check_weights(sub)
+    try:
+        return cls.from_pretrained(sub, use_safetensors=True, local_files_only=True)
+    except InputError:
+        raise
+    except MemoryError:  # exit 1, as a full disk: the run failed on this machine, the input may be fine
+        raise TinypruneError(f"{sub}: not enough memory to load these weights here (the file is not the "
+                             "problem): free memory or use a machine with more") from None
+    except Exception as e:  # diffusers raises many kinds for a truncated or mismatched file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "expected shape" in first or "size mismatch" in first:
+            raise InputError(f"{sub}: weights do not fit the shapes its config.json builds: a channel-pruned "
+                             f"UNet needs its structure.json, which is missing ({first[:160]})") from None
+        raise InputError(f"{sub}: weights could not be loaded, corrupt or truncated? ({first[:200]})") from None
+
+
+def _load_structured_unet(sub: Path):
+    """A channel-pruned UNet (tinyprune --method diff-pruning|ld-pruner|ecodiff): config.json builds the
+    dense shapes, structure.json shrinks them, then the safetensors weights load strictly (no pickle)."""
+    from tinyprune.model.structure import load_structured_unet
+
+    _read_json(sub / "config.json")
+    _check_weights(sub)
+    try:
+        return load_structured_unet(sub)
+    except Exception as e:
+        raise InputError(f"{sub}: channel-pruned UNet could not be rebuilt from structure.json and its weights "
+                         f"({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+def load_pipeline(model_dir: str | Path) -> Pipeline:
+    root = Path(model_dir)
+    if not root.exists():
+        raise InputError(f"model dir {root} does not exist")
+    if not root.is_dir():
+        raise InputError(f"{root} is a file; --model expects a diffusers pipeline directory")
+    if not (root / "model_index.json").is_file():
+        raise InputError(f"{root} is not a diffusers pipeline: model_index.json is missing")
+    index = _read_json(root / "model_index.json")
+    for required in ("unet", "vae", "scheduler"):
+        if required not in index:
+            raise InputError(f"{root}/model_index.json lists no '{required}' component")
+    family = family_for(index, str(root))
+    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+    if sched_cfg.get("_class_name") not in SCHEDULERS:
+        raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}; "
+                         f"supported: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    if (root / "unet" / "structure.json").is_file():  # channel-pruned: shapes from unet/structure.json
+        unet = _load_structured_unet(root / "unet")
+    else:
+        unet = _load_component(UNet2DConditionModel, root, "unet")
+    vae = _load_component(AutoencoderKL, root, "vae")
+    conditioner = _load_component(family.conditioner_class(), root, family.CONDITIONER)
+    return Pipeline(unet, vae, scheduler, conditioner, index, root).eval()
+
+
+def save_pipeline(pipe: Pipeline, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
+    if getattr(pipe.unet, "tinyprune_structure", None):  # channel-pruned: the shapes reload needs
+        from tinyprune.model.structure import save_structure
+
+        save_structure(pipe.unet, out / "unet")
+    pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
+    pipe.conditioner.save_pretrained(out / pipe.family.CONDITIONER, safe_serialization=True)
+    pipe.scheduler.save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps(pipe.index, indent=2, sort_keys=True) + "\n")
+
+
+def tree_sha256(root: Path) -> str:
+    """One hash over every file of a dir (relative path + content), independent of where it lies."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def demo_dir() -> Path:
+    return Path(str(resources.files("tinyprune.demo").joinpath("pipeline")))
+
+
+INDEX = {
+    "_class_name": "TinypruneClassPipeline",
+    "_diffusers_version": "0.42.1",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "class_embedder": ["tinyprune.model.families.class_label", "ClassEmbedder"],
+}
+
+
+def tiny_pipeline(seed: int = 0, cross_dim: int = 32) -> Pipeline:
+    """A small pipeline of real diffusers components, random weights, 32x32 images and 8x8x4 latents."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=32,
+    )
+    conditioner = ClassEmbedder(num_classes=10, embed_dim=cross_dim)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    return Pipeline(unet, vae, scheduler, conditioner, dict(INDEX)).eval()

@@ -1,0 +1,228 @@
+"""The headline command: prune -> bake -> ONNX per component -> validate drift -> atomic bundle."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+from tinyprune import __version__
+from tinyprune.ship.bundle import TIMINGS, check_out_dir, staged, write_json, write_manifest
+from tinyprune.export.specs import component_specs, export_spec
+from tinyprune.config import DeviceProfile, L1GradSpec, PruneSpec, load_profile
+from tinyprune.errors import GateFailed, InputError
+from tinyprune.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss
+from tinyprune.export.writer import MAX_EXPORT_OPSET, export_component
+from tinyprune.judge.checks import Checked, CheckOptions, Checks, QualityCheck
+from tinyprune.model.pipeline import demo_dir, load_pipeline, save_pipeline, tree_sha256
+from tinyprune.prune.plan import PrunePlan
+from tinyprune.prune.run import prune
+from tinyprune.ship.report import pruning_summary, speedup_source, write_report
+from tinyprune.ship.runtime_files import write_runtime_dir
+
+
+class Stages:
+    """Line-oriented stage log with elapsed times and, on Linux, each stage's own peak RSS (the kernel's
+    VmHWM, reset at the start of the stage); both end up in report/timings.json."""
+
+    def __init__(self, log):
+        self.log, self.times, self.peak_rss_mb = log, {}, {}
+
+    def __call__(self, name: str):
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, stages: Stages, name: str):
+        self.stages, self.name = stages, name
+
+    def __enter__(self):
+        self.stages.log(f"{self.name} ...")
+        release_free_memory()
+        self.hwm = reset_peak_rss()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, exc_type, *_):
+        dt = time.perf_counter() - self.t0
+        self.stages.times[self.name] = round(dt, 3)
+        peak = peak_rss_mb() if self.hwm else None
+        if peak is not None:
+            self.stages.peak_rss_mb[self.name] = peak
+        if exc_type is None:
+            self.stages.log(f"{self.name} done in {dt:.1f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
+
+
+@dataclass(frozen=True)
+class PruneRun:
+    """What _load_and_prune did. The pruned pipeline comes beside it, not in it: the caller holds the only
+    reference to the weights, and releases it before onnxruntime loads its own copy."""
+
+    profile: DeviceProfile
+    spec: PruneSpec
+    notices: tuple[str, ...]
+    model_dir: Path
+    plan: PrunePlan
+    source_sha: str
+    stage: Stages
+    checks: Checks | None  # fed the dense pipeline before it was pruned
+
+
+def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out: Path, force: bool, log,
+                    checks: Callable[[DeviceProfile, Stages], Checks] | None = None, tuning: dict | None = None):
+    """Load, then prune in place: one copy of the weights (no dense copy is kept; what needs the dense
+    model, the checks' dense phase, runs first). Returns (PruneRun, the pruned pipeline)."""
+    profile = load_profile(target)
+    tuning = dict(tuning or {})  # raw CLI values of the l1-grad / recovery options, None = default
+    calibration = tuning.pop("calibration", None)
+    from tinyprune.config import StructuredSpec
+
+    structured = StructuredSpec.parse(**(tuning.pop("structured", None) or {}))  # structured methods' options
+    spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile,
+                                      l1grad=L1GradSpec.parse(**tuning), calibration=calibration,
+                                      structured=structured)
+    for n in notices:
+        log(f"notice: {n}")
+    check_out_dir(out, force)  # before minutes of work, not after
+    model_dir = Path(model) if model else demo_dir()
+    stage = Stages(log)
+    with stage("load"):
+        pipe = load_pipeline(model_dir)
+        source_sha = tree_sha256(model_dir)
+    run_checks = checks(profile, stage) if checks else None
+    if run_checks is not None:
+        run_checks.dense(pipe)
+    with stage("prune"):
+        plan = prune(pipe, spec, log=log)
+    return PruneRun(profile, spec, tuple(notices), model_dir, plan, source_sha, stage, run_checks), pipe
+
+
+def prune_to_dir(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
+                 scope: str = "global", prune_vae: bool = False, out: str | Path = "pruned", force: bool = False,
+                 log=lambda msg: None, tuning: dict | None = None) -> dict:
+    """Prune + bake only: a pipeline dir in diffusers layout plus pruning_plan.json."""
+    out = Path(out)
+    run, pruned = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out, force, log,
+                                  tuning=tuning)
+    with staged(out, force) as tmp:
+        _save_pruned(pruned, run.plan, tmp)
+    return {"out": str(out), "sparsity": run.plan.sparsity()}
+
+
+def _save_pruned(pruned, plan: PrunePlan, root: Path) -> None:
+    save_pipeline(pruned, root)
+    write_json(root / "pruning_plan.json", plan.to_dict())
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `tinyprune export` made; truthy when every gate passed. report(): report/report.json;
+    to_dict(): the --json output (the report plus where the bundle is and what the run cost)."""
+
+    model: str
+    profile: str
+    method: str
+    pattern: str
+    requested_sparsity: float
+    sparsity: Mapping[str, float]  # per pruned component
+    speedup_source: str
+    notices: tuple[str, ...]
+    pruning: dict  # ship/report.pruning_summary of the plan
+    opset: int
+    checked: Checked
+    bundle: Path
+    files: int = 0  # files in the manifest
+    timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
+    peak_rss_mb: Mapping[str, float] = field(default_factory=dict)  # per stage, where the kernel tells
+
+    def __bool__(self) -> bool:
+        return bool(self.checked)
+
+    def report(self) -> dict:
+        return {"model": self.model, "profile": self.profile, "method": self.method, "pattern": self.pattern,
+                "requested_sparsity": self.requested_sparsity, "sparsity": dict(self.sparsity),
+                "speedup_source": self.speedup_source, "notices": list(self.notices), "pruning": self.pruning,
+                "opset": self.opset, **self.checked.to_dict()}
+
+    def to_dict(self) -> dict:
+        return dict(self.report(), bundle=str(self.bundle), files=self.files, timings=dict(self.timings),
+                    peak_rss_mb=dict(self.peak_rss_mb))
+
+
+def export(model: str | None, sparsity, target: str, method: str = "magnitude", pattern: str = "unstructured",
+           scope: str = "global", prune_vae: bool = False, out: str | Path = "bundle", force: bool = False,
+           min_psnr_db: float | None = None, log=lambda msg: None, image_checks: int | None = None,
+           image_steps: int | None = None, tuning: dict | None = None, quality: int | None = None,
+           max_fd_ratio: float | None = None, min_accuracy: float | None = None) -> ExportResult:
+    """The headline command. Memory: one copy of the weights at a time (load, the checks' dense side,
+    prune in place, the checks' PyTorch side, save, ONNX export; then the PyTorch pipeline is released
+    before onnxruntime loads the ONNX files and the checks compare them: judge/checks.py). image_checks: how
+    many class labels the dense-vs-pruned image gate samples (None: all, 0: skip the gate); image_steps:
+    sampler steps."""
+    out = Path(out)
+    if image_checks is not None and image_checks < 0:
+        raise InputError(f"--image-checks must be >= 0, got {image_checks}")
+    if image_steps is not None and image_steps < 1:
+        raise InputError(f"--image-steps must be >= 1, got {image_steps}")
+
+    if quality is not None and quality < 0:
+        raise InputError(f"--quality must be >= 0 samples per class, got {quality}")
+
+    def checks(profile, stage):
+        return Checks(CheckOptions(profile, min_psnr_db, image_checks, image_steps, quality, max_fd_ratio, min_accuracy,
+                                   is_demo=model is None), log=log, stage=stage)
+
+    run, pruned = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out, force, log,
+                                  checks=checks, tuning=tuning)
+    profile, spec, plan, stage = run.profile, run.spec, run.plan, run.stage
+    run.checks.pruned(pruned)  # PyTorch's side of every check, while the pipeline is loaded
+    xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
+    meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
+            "source_sha256": run.source_sha}
+    with staged(out, force) as tmp:
+        with stage("save pruned pipeline"):
+            _save_pruned(pruned, plan, tmp / "pruned")
+        components = {}
+        for comp in component_specs(pruned):
+            pruned_comp = plan.components.get(comp.source)
+            with stage(f"export {comp.name}"):
+                # a component the plan did not prune (the VAE by default) carries no pattern claim: verify
+                # rejects "2:4" on a file without a single 2:4 tensor
+                pattern = spec.pattern if pruned_comp is not None else "none"
+                stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
+                                           dict(meta, pattern=pattern,
+                                                params_dense=pruned_comp.dense_params() if pruned_comp else None))
+            tensors = json.loads(stamped["tinyprune.tensors"])
+            components[comp.name] = {
+                "file": f"{comp.name}/model.onnx",
+                "pattern": pattern,
+                "tensors_2to4": sorted(n for n, t in tensors.items() if t["pattern"] == "2:4"),
+                "inputs": comp.trt_shapes(xspec),
+                "outputs": list(comp.outputs),
+            }
+        with stage("runtime files"):  # runtime/ for the torch-free loop
+            write_runtime_dir(pruned, tmp)
+        del pruned  # the last reference to the PyTorch weights: onnxruntime's copy must not sit beside them
+        gc.collect()
+        run.checks.bundle(tmp)
+        run.checks.get(QualityCheck).write_grid(tmp / "report" / "grid.png")
+        result = ExportResult(
+            model="demo" if model is None else run.model_dir.name, profile=profile.name, method=spec.method,
+            pattern=spec.pattern, requested_sparsity=spec.sparsity, sparsity=plan.sparsity(),
+            speedup_source=speedup_source(profile, spec.pattern), notices=run.notices,
+            pruning=pruning_summary(plan), opset=xspec.opset, checked=run.checks.done(), bundle=out)
+        write_report(tmp, result.report())
+        manifest = write_manifest(tmp, {
+            "format": 1, "tool": "tinyprune", "version": __version__, "profile": profile.name,
+            "method": spec.method, "pattern": spec.pattern, "scope": spec.scope, "sparsity": spec.sparsity,
+            "source": {"model": result.model, "sha256": run.source_sha}, "opset": xspec.opset,
+            "components": components,
+        })
+        write_json(tmp / TIMINGS, {"seconds": stage.times, "peak_rss_mb": stage.peak_rss_mb})
+    result = replace(result, files=len(manifest["files"]), timings=stage.times, peak_rss_mb=stage.peak_rss_mb)
+    if not result:
+        raise GateFailed(result.checked.verdict.message(f" (bundle written to {out}; see report/report.md)"),
+                         result.to_dict())
+    return result

@@ -1,0 +1,62 @@
+"""The model-family seam: adapters chosen from model_index.json, specs from the config, the pipeline's own scheduler."""
+
+import json
+
+import pytest
+
+from tinyprune.errors import InputError
+from tinyprune.model.families import family_for
+from tinyprune.model.families.class_label import ClassLabelFamily
+from tinyprune.model.pipeline import load_pipeline, save_pipeline, tiny_pipeline
+
+
+def test_demo_index_gets_the_class_label_adapter(tiny_dir):
+    pipe = load_pipeline(tiny_dir)
+    assert isinstance(pipe.family, ClassLabelFamily)
+    assert pipe.family.check_conditions(3) == [0, 1, 2]
+    assert pipe.family.check_conditions() == list(range(10))
+    assert pipe.family.context_tokens == 1
+    assert tuple(pipe.family.encode([4, 5]).shape) == (2, 1, 32)
+    assert tuple(pipe.family.null_context(3).shape) == (3, 1, 32)
+
+
+def test_unsupported_pipeline_named_with_the_supported_ones():
+    with pytest.raises(InputError) as e:
+        family_for({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "m")
+    assert "pipeline FluxPipeline (transformer FluxTransformer2DModel) is not supported; supported: class-conditioned" \
+        in str(e.value)
+
+
+def test_specs_follow_the_config_and_name_latent_and_image_axes_apart():
+    from tinyprune.config import ExportSpec, Range
+    from tinyprune.export.specs import component_spec, component_specs
+
+    pipe = tiny_pipeline(seed=0, cross_dim=48)
+    assert [s.name for s in component_specs(pipe)] == ["unet", "vae_encoder", "vae_decoder"]
+    unet = component_spec(pipe, "unet")
+    assert unet.shape(2, 8)["encoder_hidden_states"] == (2, 1, 48)  # from the conditioner's config, not a constant
+    spec = ExportSpec(opset=17, batch=Range(1, 2, 4), latent=Range(8, 8, 16))
+    axes = component_spec(pipe, "vae_decoder").dynamic_axes(spec)
+    assert axes == {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
+                    "image": {0: "batch", 2: "height", 3: "width"}}
+    assert component_spec(pipe, "unet").dynamic_axes(spec)["encoder_hidden_states"] == {0: "batch"}
+    with pytest.raises(InputError, match="no text_encoder component"):
+        component_spec(pipe, "text_encoder")
+
+
+def test_euler_pipeline_keeps_its_scheduler_into_the_bundle(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from tinyprune.workflows.export import export
+
+    pipe = tiny_pipeline(seed=0)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    save_pipeline(pipe, tmp_path / "euler")
+    assert type(load_pipeline(tmp_path / "euler").scheduler).__name__ == "EulerDiscreteScheduler"
+
+    out = tmp_path / "bundle"
+    export(str(tmp_path / "euler"), 0.3, "x86-cpu", out=out, image_checks=0, quality=0)
+    for rel in ("runtime/scheduler_config.json", "pruned/scheduler/scheduler_config.json"):
+        assert json.loads((out / rel).read_text())["_class_name"] == "EulerDiscreteScheduler", rel
+    assert type(load_pipeline(out / "pruned").scheduler).__name__ == "EulerDiscreteScheduler"
