@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     profile = load_profile("x86-cpu")
     log(f"{model_name}: {prunable_params(dense.unet)} prunable UNet parameters; calibration batches ...")
     batches = cached_batches(dense, args.cache)
-    tokens = int(batches[0].context.shape[1])
+    tokens = dense.family.context_tokens
 
     score_cache = {}  # one scoring per method, reused by its latency-aware variant
     variants = []

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 from tinyprune.errors import InputError
@@ -16,8 +18,11 @@ def test_demo_index_gets_the_class_label_adapter(tiny_dir):
     assert pipe.family.check_conditions(3) == [0, 1, 2]
     assert pipe.family.check_conditions() == list(range(10))
     assert pipe.family.context_tokens == 1
-    assert tuple(pipe.family.encode([4, 5]).shape) == (2, 1, 32)
-    assert tuple(pipe.family.null_context(3).shape) == (3, 1, 32)
+    cond = pipe.family.condition([4, 5])
+    assert list(cond) == ["encoder_hidden_states"] and tuple(cond["encoder_hidden_states"].shape) == (2, 1, 32)
+    null = pipe.family.null_condition(3)["encoder_hidden_states"]
+    assert tuple(null.shape) == (3, 1, 32) and torch.equal(null[0], null[2])
+    assert torch.equal(null[0, 0], pipe.conditioner.embedding.weight[10])  # the null class: the row after the last
 
 
 def test_unsupported_pipeline_named_with_the_supported_ones():
@@ -60,3 +65,23 @@ def test_euler_pipeline_keeps_its_scheduler_into_the_bundle(tmp_path):
     for rel in ("runtime/scheduler_config.json", "pruned/scheduler/scheduler_config.json"):
         assert json.loads((out / rel).read_text())["_class_name"] == "EulerDiscreteScheduler", rel
     assert type(load_pipeline(out / "pruned").scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_a_diffusers_ddpm_pipeline_is_refused_in_one_line(tmp_path):
+    """A pipeline saved by diffusers' own save_pretrained, of a family without an adapter yet: named, exit 2."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from typer.testing import CliRunner
+
+    from tinyprune.cli import app
+
+    unet = UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    r = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "ddpm"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'ddpm'}: pipeline DDPMPipeline (scheduler DDPMScheduler, unet UNet2DModel) "
+                      "is not supported; supported: class-conditioned (UNet2DConditionModel + AutoencoderKL + "
+                      "class_embedder, as the shipped demo)"]
+    assert not (tmp_path / "out").exists()

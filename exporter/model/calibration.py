@@ -1,4 +1,4 @@
-"""Calibration batches (x_t, t, context, noise) for data-driven importance scores and recovery.
+"""Calibration batches (x_t, t, cond, noise) for data-driven importance scores and recovery.
 
 Two sources: a folder of images encoded by the pipeline's own VAE, or — when the training data is not
 at hand — data-free, from the dense model's own samples for the classes listed in calibration/.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tinyprune.errors import InputError
+from tinyprune.model.families import Cond
 from tinyprune.model.pipeline import Pipeline
 from tinyprune.model.sampling import sample_latents
 
@@ -26,7 +27,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class Batch:
     x_t: torch.Tensor  # noised latents
     t: torch.Tensor  # timesteps, long
-    context: torch.Tensor  # cross-attention context
+    cond: Cond  # the UNet's conditioning keyword arguments (the family's): unet(x_t, t, **cond)
     noise: torch.Tensor  # the epsilon target
     x0: torch.Tensor  # clean latents (LD-Pruner-style scores compare outputs against them)
 
@@ -52,8 +53,8 @@ class CalibrationSet:
             t = (edges[:-1] + torch.rand(b, generator=g) * (edges[1:] - edges[:-1])).long().clamp_max(n_train - 1)
             noise = torch.randn(x0.shape, generator=g)
             with torch.no_grad():
-                context = pipe.family.encode(self.labels[start:start + b])
-            out.append(Batch(sched.add_noise(x0, noise, t), t, context, noise, x0))
+                cond = pipe.family.condition(self.labels[start:start + b])
+            out.append(Batch(sched.add_noise(x0, noise, t), t, cond, noise, x0))
         return out
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from tinyprune.model.families import cat_cond
 from tinyprune.model.pipeline import Pipeline
 
 DEFAULT_STEPS = 20
@@ -39,10 +40,10 @@ def sample_latents(pipe: Pipeline, conditions: list, seed: int = 0, steps: int =
     latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size))
     latents = latents * scheduler.init_noise_sigma
     family = pipe.family
-    context = torch.cat([family.null_context(b), family.encode(conditions)])
+    cond = cat_cond([family.null_condition(b), family.condition(conditions)])
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_u, eps_c = pipe.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+        eps_u, eps_c = pipe.unet(x, t, **cond).sample.chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents

@@ -30,7 +30,7 @@ from tinyprune.prune.masks import prunable_weights
 
 def denoising_loss(unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """MSE of the predicted epsilon against the true noise (the diffusion training loss)."""
-    pred = unet(batch.x_t, batch.t, encoder_hidden_states=batch.context).sample
+    pred = unet(batch.x_t, batch.t, **batch.cond).sample
     return F.mse_loss(pred, batch.noise)
 
 
@@ -42,13 +42,13 @@ def mean_loss(model: torch.nn.Module, batches: list[Batch], forward=denoising_lo
 
 
 def renoise(batch: Batch, scheduler, g: torch.Generator) -> Batch:
-    """The same clean latents and contexts, new noise and new timesteps (one per stratum)."""
+    """The same clean latents and conditioning, new noise and new timesteps (one per stratum)."""
     n_train = scheduler.config.num_train_timesteps
     b = len(batch.x0)
     edges = torch.linspace(0, n_train, b + 1)
     t = (edges[:-1] + torch.rand(b, generator=g) * (edges[1:] - edges[:-1])).long().clamp_max(n_train - 1)
     noise = torch.randn(batch.x0.shape, generator=g)
-    return Batch(scheduler.add_noise(batch.x0, noise, t), t, batch.context, noise, batch.x0)
+    return Batch(scheduler.add_noise(batch.x0, noise, t), t, batch.cond, noise, batch.x0)
 
 
 def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: list[Batch], steps: int, *,
@@ -74,8 +74,8 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
             batch = renoise(batches[step % len(batches)], scheduler, g)
             if teacher is not None:
                 with torch.no_grad():
-                    eps = teacher(batch.x_t, batch.t, encoder_hidden_states=batch.context).sample
-                batch = Batch(batch.x_t, batch.t, batch.context, eps, batch.x0)
+                    eps = teacher(batch.x_t, batch.t, **batch.cond).sample
+                batch = Batch(batch.x_t, batch.t, batch.cond, eps, batch.x0)
             loss = forward(model, batch)
             total = loss + l1 * sum(w.abs().sum() for w in weights.values()) if l1 else loss
             opt.zero_grad(set_to_none=True)
@@ -123,7 +123,7 @@ def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float 
 
 def _distill_loss(teacher):
     def forward(student, b: Batch) -> torch.Tensor:
-        target = teacher(b.x_t, b.t, encoder_hidden_states=b.context).sample
-        return F.mse_loss(student(b.x_t, b.t, encoder_hidden_states=b.context).sample, target)
+        target = teacher(b.x_t, b.t, **b.cond).sample
+        return F.mse_loss(student(b.x_t, b.t, **b.cond).sample, target)
 
     return forward

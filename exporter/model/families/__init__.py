@@ -4,7 +4,7 @@ encodes and decodes, and which ONNX components it has. Everything outside model/
 from __future__ import annotations
 
 from tinyprune.errors import InputError
-from tinyprune.model.families.base import ComponentIO, Family
+from tinyprune.model.families.base import ComponentIO, Cond, Family, cat_cond, repeat_cond, take_cond
 from tinyprune.model.families.class_label import ClassLabelFamily
 
 FAMILIES: tuple[type[Family], ...] = (ClassLabelFamily,)
@@ -22,4 +22,4 @@ def family_for(index: dict, where: str) -> type[Family]:
     raise InputError(f"{where}: pipeline {cls} ({parts}) is not supported; supported: {supported}")
 
 
-__all__ = ["FAMILIES", "ComponentIO", "Family", "family_for"]
+__all__ = ["FAMILIES", "ComponentIO", "Cond", "Family", "cat_cond", "family_for", "repeat_cond", "take_cond"]

@@ -12,6 +12,23 @@ if TYPE_CHECKING:
     from tinyprune.model.pipeline import Pipeline
 
 
+# The UNet's keyword arguments besides sample and timestep (encoder_hidden_states, ...): what a family conditions
+# with, batch first in every tensor, so that batches of it concatenate, index and repeat like tensors.
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(conds: list[Cond]) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def take_cond(cond: Cond, index) -> Cond:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def repeat_cond(cond: Cond, copies: int) -> Cond:
+    return {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+
+
 @dataclass(frozen=True)
 class ComponentIO:
     """One ONNX component as its family defines it, from the model config (like optimum's OnnxConfig).
@@ -59,12 +76,12 @@ class Family:
         """The conditions image checks draw, in a fixed order: the first n (all the family has when None)."""
         raise NotImplementedError
 
-    def encode(self, conditions: list) -> torch.Tensor:
-        """Cross-attention context for a list of conditions."""
+    def condition(self, conditions: list) -> Cond:
+        """The UNet's conditioning keyword arguments for a list of conditions: unet(x_t, t, **cond)."""
         raise NotImplementedError
 
-    def null_context(self, batch: int) -> torch.Tensor:
-        """The unconditional context classifier-free guidance pairs with every conditional one."""
+    def null_condition(self, batch: int) -> Cond:
+        """The unconditional conditioning classifier-free guidance pairs with every conditional one."""
         raise NotImplementedError
 
     @property

@@ -11,7 +11,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from tinyprune.model.families.base import ComponentIO, Family
+from tinyprune.model.families.base import ComponentIO, Cond, Family
 
 
 class ClassEmbedder(ModelMixin, ConfigMixin):
@@ -85,11 +85,12 @@ class ClassLabelFamily(Family):
         classes = self.embedder.config.num_classes
         return list(range(classes if n is None else min(n, classes)))
 
-    def encode(self, conditions: list[int]) -> torch.Tensor:
-        return self.embedder(torch.as_tensor(conditions, dtype=torch.long))
+    def condition(self, conditions: list[int]) -> Cond:
+        return {"encoder_hidden_states": self.embedder(torch.as_tensor(conditions, dtype=torch.long))}
 
-    def null_context(self, batch: int) -> torch.Tensor:
-        return self.embedder(torch.full((batch,), self.embedder.null_class, dtype=torch.long))
+    def null_condition(self, batch: int) -> Cond:
+        return {"encoder_hidden_states": self.embedder(torch.full((batch,), self.embedder.null_class,
+                                                                  dtype=torch.long))}
 
     @property
     def context_tokens(self) -> int:

@@ -26,6 +26,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tinyprune.model.families import cat_cond, take_cond
 from tinyprune.model.structure import Group
 
 from tinyprune.prune.structured.gates import Gates
@@ -58,7 +59,7 @@ def _trajectory(unet, scheduler, noise, cond, uncond, guidance, checkpointed: bo
 
     def step(lat, t):
         x = scheduler.scale_model_input(torch.cat([lat, lat]), t)
-        eps_u, eps_c = unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        eps_u, eps_c = unet(x, t, **cat_cond([uncond, cond])).sample.chunk(2)
         return scheduler.step(eps_u + guidance * (eps_c - eps_u), t, lat, eta=0.0).prev_sample
 
     for t in scheduler.timesteps:
@@ -66,26 +67,28 @@ def _trajectory(unet, scheduler, noise, cond, uncond, guidance, checkpointed: bo
     return latents
 
 
-def hard_concrete(unet, groups: list[Group], batches, *, scheduler, null_context: torch.Tensor,
+def hard_concrete(unet, groups: list[Group], batches, *, scheduler, null_condition,
                   iterations: int = DEFAULT_ITERATIONS, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                   l0: float = DEFAULT_L0, init: float = DEFAULT_INIT, guidance: float = DEFAULT_GUIDANCE,
                   trajectories: int = 2, batch: int = 8, minutes: float | None = None, seed: int = 0,
                   log=lambda msg: None, info: dict | None = None) -> dict[str, torch.Tensor]:
     """{group path: P(gate open) per unit}. Contexts come from the calibration batches; `trajectories`
-    fixed (noise, condition) sets of `batch` samples are cycled over the iterations."""
+    fixed (noise, condition) sets of `batch` samples are cycled over the iterations; null_condition(n) gives the
+    unconditional conditioning of n samples (the family's)."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    contexts = torch.cat([b.context for b in batches])
+    conds = cat_cond([b.cond for b in batches])
+    n_conds = len(next(iter(conds.values())))
     shape = batches[0].x0.shape[1:]
     sets = []
     with torch.no_grad():
         for i in range(trajectories):
-            idx = torch.randint(0, len(contexts), (batch,), generator=g)
-            cond = contexts[idx]
-            uncond = null_context.expand_as(cond)
+            idx = torch.randint(0, n_conds, (batch,), generator=g)
+            cond = take_cond(conds, idx)
+            uncond = null_condition(batch)
             noise = torch.randn((batch, *shape), generator=g)
             target = _trajectory(unet, sched, noise, cond, uncond, guidance, checkpointed=False)
             sets.append((noise, cond, uncond, target, target.var().clamp_min(1e-12)))

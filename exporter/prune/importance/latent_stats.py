@@ -2,7 +2,7 @@
 Models using Task-Agnostic Insights").
 
 Task-agnostic: the score of a unit is how much removing it moves the statistics of the UNet's output
-latent. Over the calibration inputs (x_t, t, context) -- timesteps stratified over the whole trajectory --
+latent. Over the calibration inputs (x_t, t, cond) -- timesteps stratified over the whole trajectory --
 the dense outputs give a per-element mean mu and variance var across samples; with the unit masked
 (exactly what its removal computes, see groups.Gates) the same inputs give mu', var', and
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from tinyprune.model.families import cat_cond, repeat_cond
 from tinyprune.model.structure import Group
 
 from tinyprune.prune.structured.gates import Gates
@@ -40,15 +41,15 @@ def latent_stats(unet, groups: list[Group], batches, *, chunk: int = DEFAULT_CHU
     """{group path: importance per unit}."""
     x = torch.cat([b.x_t for b in batches])
     t = torch.cat([b.t for b in batches])
-    ctx = torch.cat([b.context for b in batches])
+    cond = cat_cond([b.cond for b in batches])
     n = len(x)
 
     def run(gates: Gates | None, copies: int):
-        xs, ts, cs = x.repeat(copies, 1, 1, 1), t.repeat(copies), ctx.repeat(copies, 1, 1)
+        xs, ts, cs = x.repeat(copies, 1, 1, 1), t.repeat(copies), repeat_cond(cond, copies)
         if gates is None:
-            return unet(xs, ts, encoder_hidden_states=cs).sample
+            return unet(xs, ts, **cs).sample
         with gates:
-            return unet(xs, ts, encoder_hidden_states=cs).sample
+            return unet(xs, ts, **cs).sample
 
     mu_ref, var_ref = _stats(run(None, 1))
     scores, forwards = {}, 1

@@ -45,7 +45,7 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
             for b in batches:
                 tt = torch.full((len(b.x0),), t, dtype=torch.long)
                 x_t = scheduler.add_noise(b.x0, b.noise, tt)
-                loss = F.mse_loss(unet(x_t, tt, encoder_hidden_states=b.context).sample, b.noise)
+                loss = F.mse_loss(unet(x_t, tt, **b.cond).sample, b.noise)
                 if loss.requires_grad:  # (no group parameters: only the losses are wanted)
                     (loss * len(b.x0) / n).backward()
                 loss_t += float(loss.detach()) * len(b.x0) / n

@@ -43,10 +43,12 @@ def score(method: str, unet, groups, batches, *, pipe, seed: int = 0, log=lambda
     if method == "ecodiff":
         from tinyprune.prune.importance.hard_concrete import hard_concrete
 
-        with torch.no_grad():
-            null = pipe.family.null_context(1)
-        return hard_concrete(unet, groups, batches, scheduler=pipe.noise_scheduler, null_context=null, seed=seed,
-                             log=log, info=info, **options)
+        def null_condition(n: int):
+            with torch.no_grad():
+                return pipe.family.null_condition(n)
+
+        return hard_concrete(unet, groups, batches, scheduler=pipe.noise_scheduler, null_condition=null_condition,
+                             seed=seed, log=log, info=info, **options)
     raise ValueError(f"unknown structured method {method!r}")
 
 
@@ -76,7 +78,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     unet = pipe.unet
     t0 = time.monotonic()
     torch.manual_seed(spec.seed)
-    context_tokens = int(batches[0].context.shape[1])
+    context_tokens = pipe.family.context_tokens
     params_dense = prunable_params(unet)
     macs_dense = count_macs(unet, context_tokens)
     teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 else None
