@@ -39,18 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tinyprune.prune.structured.cost import count_macs  # noqa: E402
+from tinyprune.model.families.class_label import UNetModule  # noqa: E402
 from tinyprune.model.structure import find_groups  # noqa: E402
 from tinyprune.prune.structured.groups import prunable_params, unit_sums
 from tinyprune.prune.structured.surgery import remove_units
-
-
-class _Wrap(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 def export_unet(unet, path: Path, batch: int = 2, tokens: int = 1) -> None:
@@ -64,7 +56,7 @@ def export_unet(unet, path: Path, batch: int = 2, tokens: int = 1) -> None:
             torch.randn(batch, tokens, unet.config.cross_attention_dim))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Wrap(unet), args, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
+        torch.onnx.export(UNetModule(unet), args, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
                           output_names=["out_sample"], opset_version=17, do_constant_folding=True, dynamo=False)
 
 
