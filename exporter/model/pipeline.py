@@ -136,10 +136,14 @@ def load_pipeline(model_dir: str | Path) -> Pipeline:
     if not (root / "model_index.json").is_file():
         raise InputError(f"{root} is not a diffusers pipeline: model_index.json is missing")
     index = _read_json(root / "model_index.json")
-    family = family_for(index, str(root))  # first: an unsupported pipeline is named as such, not as incomplete
-    for required in ("unet", "vae", "scheduler", family.CONDITIONER):
-        if required not in index:
-            raise InputError(f"{root}/model_index.json lists no '{required}' component")
+    def require(*names):
+        for name in names:
+            if name not in index:
+                raise InputError(f"{root}/model_index.json lists no '{name}' component")
+
+    require("unet", "scheduler")  # every diffusion pipeline has these; what else it needs is its family's
+    family = family_for(index, str(root))
+    require("vae", family.CONDITIONER)
     sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
     if sched_cfg.get("_class_name") not in SCHEDULERS:
         raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}; "
