@@ -73,12 +73,11 @@ def reference_images(pipe, n: int | None = None, steps: int | None = None, size:
     return sample(pipe, image_conditions(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, size=size).numpy()
 
 
-def image_drift_against(ref: np.ndarray, pruned, profile: DeviceProfile, min_psnr_db: float | None = None,
-                        n: int | None = None, steps: int | None = None) -> ImageDrift:
-    """Dense reference images (reference_images) against the pruned pipeline's, same seeds, labels and noise."""
-    got = reference_images(pruned, n, steps, image_latent_size(profile))
-    gate = profile.min_image_psnr_db if min_psnr_db is None else min_psnr_db
-    return ImageDrift.of(IMAGE_CHECK, ref, got, gate)
+def image_drift_against(ref: np.ndarray, pruned, options: CheckOptions) -> ImageDrift:
+    """Dense reference images (reference_images) against the pruned pipeline's, same seeds, conditions and noise,
+    gated on the run's image gate."""
+    got = reference_images(pruned, options.image_checks, options.image_steps, image_latent_size(options.profile))
+    return ImageDrift.of(IMAGE_CHECK, ref, got, options.min_image_psnr_db)
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,7 @@ class ImageDriftCheck(Check):
             self.drift = ImageDrift.skip(IMAGE_CHECK, o.min_image_psnr_db, "--image-checks 0")
             return
         with self.stage("validate dense vs pruned images"):
-            self.drift = image_drift_against(self.ref, pipe, o.profile, o.min_psnr_db, o.image_checks, o.image_steps)
+            self.drift = image_drift_against(self.ref, pipe, o)
         self.ref = None
 
     def results(self):

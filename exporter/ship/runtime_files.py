@@ -2,9 +2,9 @@
 
 runtime/
   scheduler_config.json   the pipeline's scheduler config (diffusers keys) the numpy schedulers are built from
-  conditioning.npz        what the family adapter conditions with (the demo: its class embedding table, num_classes
-                          + 1 rows, the last the null class; seq_len, embed_dim, null_class)
-  shapes.json             latent channels and size, VAE scale, image size and channels, number of classes
+  conditioning.npz        the arrays the family adapter's runtime_conditioning() gives (what the runtime conditions
+                          the UNet with)
+  shapes.json             latent channels and size, VAE scale, image size and channels, and the family's own entries
   README.md               the exact commands that run the bundle on a device
   tinyprune/runtime/      a copy of the runtime package, whole (numpy + onnxruntime only; it imports nothing outside
                           itself), so that `cd BUNDLE/runtime && python -m tinyprune.runtime ..` works without
