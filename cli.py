@@ -157,6 +157,8 @@ RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: 
                                   rich_help_panel=STRUCTURED)
 ForceOpt = typer.Option(False, "--force", help="replace an existing --out", rich_help_panel=OUTPUT)
 PruneVaeOpt = typer.Option(False, "--prune-vae", help="prune the VAE too", rich_help_panel=METHOD)
+PruneTextOpt = typer.Option(False, "--prune-text-encoder", help="prune the text encoder(s) too (their Linear "
+                            "layers; unstructured and 2:4)", rich_help_panel=METHOD)
 
 
 class Applies(NamedTuple):
@@ -181,6 +183,7 @@ APPLIES = {
     "latency_aware": Applies(STRUCTURED_METHODS, ("2:4",)),
     "cost_model": Applies(STRUCTURED_METHODS, ("2:4",), needs="latency_aware"),
     "recovery_minutes": Applies(STRUCTURED_METHODS, ("2:4",)),
+    "prune_text_encoder": Applies(("magnitude", "l1-grad")),  # structured methods reshape the UNet only
 }
 
 
@@ -318,6 +321,7 @@ def export(  # parameters in help-panel order: input and target, method, recover
     pattern: Pattern = PatternOpt,
     scope: Scope = ScopeOpt,
     prune_vae: bool = PruneVaeOpt,
+    prune_text_encoder: bool = PruneTextOpt,
     alpha: Optional[float] = AlphaOpt,
     beta: Optional[float] = BetaOpt,
     iterations: Optional[int] = IterationsOpt,
@@ -341,7 +345,8 @@ def export(  # parameters in help-panel order: input and target, method, recover
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
-                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes))
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
+                  prune_text_encoder=prune_text_encoder)
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
     from tinyprune.workflows.export import export as do_export
 
@@ -361,6 +366,7 @@ def prune(  # parameters in help-panel order, as export's
     pattern: Pattern = PatternOpt,
     scope: Scope = ScopeOpt,
     prune_vae: bool = PruneVaeOpt,
+    prune_text_encoder: bool = PruneTextOpt,
     alpha: Optional[float] = AlphaOpt,
     beta: Optional[float] = BetaOpt,
     iterations: Optional[int] = IterationsOpt,
@@ -377,7 +383,8 @@ def prune(  # parameters in help-panel order, as export's
 ):
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
-                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes))
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
+                  prune_text_encoder=prune_text_encoder)
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
     from tinyprune.workflows.export import prune_to_dir
 

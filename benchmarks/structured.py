@@ -127,12 +127,12 @@ def cached_batches(pipe, cache: Path | None):
     f = cache / "calibration.safetensors" if cache else None
     if f is not None and f.is_file():
         t = load_file(str(f))
-        cal = CalibrationSet(t["latents"], t["labels"], "samples")
+        cal = CalibrationSet(t["latents"], t["labels"].tolist(), "samples")
     else:
         cal = from_samples(pipe, seed=0)
         if f is not None:
             cache.mkdir(parents=True, exist_ok=True)
-            save_file({"latents": cal.latents.contiguous(), "labels": cal.labels.contiguous()}, str(f))
+            save_file({"latents": cal.latents.contiguous(), "labels": torch.tensor(cal.conditions)}, str(f))
     return cal.batches(pipe, batch_size=16, seed=0)
 
 
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     log(f"{model_name}: {prunable_params(dense.unet)} prunable UNet parameters; calibration batches ...")
     batches = cached_batches(dense, args.cache)
     tokens = dense.family.context_tokens
+    with torch.no_grad():
+        cond1 = dense.family.example_condition(1)
 
     score_cache = {}  # one scoring per method, reused by its latency-aware variant
     variants = []
@@ -254,11 +256,11 @@ def main(argv=None) -> int:
             keep[g.path] = magnitude_scores(pipe.unet, [g])[g.path].argmax().view(1)
     remove_units(pipe.unet, keep, groups)
     finish("uniform inner", pipe, {"params_removed": round(1 - prunable_params(pipe.unet) / p0, 6),
-                                   "macs": count_macs(pipe.unet, tokens), "macs_dense": count_macs(dense.unet, tokens)}, 0)
+                                   "macs": count_macs(pipe.unet, cond1), "macs_dense": count_macs(dense.unet, cond1)}, 0)
     # baseline 2: uniform block widths (random weights; latency only)
     ratio, ublocks, widths = uniform_blocks_unet(dense.unet, 1 - args.sparsity)
     results[f"uniform blocks {tuple(widths)}"] = {"params_removed": round(1 - ratio, 6),
-                                                  "macs_ratio": count_macs(ublocks, tokens) / count_macs(dense.unet, tokens)}
+                                                  "macs_ratio": count_macs(ublocks, cond1) / count_macs(dense.unet, cond1)}
     pruned_unets[f"uniform blocks {tuple(widths)}"] = ublocks
 
     log("exporting and timing on onnxruntime CPU (interleaved) ...")

@@ -320,6 +320,7 @@ class PruneSpec:
     l1grad: L1GradSpec = L1GradSpec()
     calibration: str | None = None  # image folder for calibration batches; None = data-free (dense samples)
     structured: StructuredSpec = StructuredSpec()
+    prune_text_encoder: bool = False
 
     @property
     def recovery_steps(self) -> int:
@@ -337,8 +338,8 @@ class PruneSpec:
     @staticmethod
     def resolve(method: str, sparsity, pattern: str, scope: str, prune_vae: bool, profile: DeviceProfile,
                 seed: int = 0, l1grad: L1GradSpec | None = None,
-                calibration: str | None = None,
-                structured: StructuredSpec | None = None) -> tuple["PruneSpec", list[str]]:
+                calibration: str | None = None, structured: StructuredSpec | None = None,
+                prune_text_encoder: bool = False) -> tuple["PruneSpec", list[str]]:
         """Validate the user's choices against the target; returns the spec and notices to show."""
         notices = []
         s = parse_sparsity(sparsity)
@@ -354,8 +355,9 @@ class PruneSpec:
             if pattern == "2:4":
                 raise InputError(f"--method {method} removes channels and heads (pattern channel); 2:4 needs "
                                  "--method magnitude or l1-grad")
-            if prune_vae:
-                raise InputError(f"--method {method} prunes the UNet only; drop --prune-vae")
+            if prune_vae or prune_text_encoder:
+                flag = "--prune-vae" if prune_vae else "--prune-text-encoder"
+                raise InputError(f"--method {method} prunes the UNet only; drop {flag}")
             pattern = "channel"
         elif pattern == "channel":
             raise InputError(f"--pattern channel needs a structured method: {', '.join(STRUCTURED_METHODS)}")
@@ -383,7 +385,7 @@ class PruneSpec:
         if calibration is not None and not Path(calibration).is_dir():
             raise InputError(f"--calibration {calibration} is not a directory of images")
         return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration,
-                         structured or StructuredSpec()), notices
+                         structured or StructuredSpec(), prune_text_encoder), notices
 
 
 @dataclass(frozen=True)

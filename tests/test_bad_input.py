@@ -66,13 +66,15 @@ def test_unsupported_scheduler(tiny_dir, tmp_path):
     cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), _class_name="LMSDiscreteScheduler")))
     r = invoke("export", "--model", bad, "--out", tmp_path / "out")
     assert one_error(r, 2) == (f"error: {bad}/scheduler: unsupported scheduler 'LMSDiscreteScheduler'; supported: "
-                               "DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler, PNDMScheduler")
+                               "DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDPMScheduler, "
+                               "PNDMScheduler, DPMSolverMultistepScheduler, LCMScheduler")
 
 
-SUPPORTED = "supported: class-conditioned (UNet2DConditionModel + AutoencoderKL + class_embedder, as the shipped demo)"
+SUPPORTED = ("supported: StableDiffusionPipeline; StableDiffusionXLPipeline; LatentConsistencyModelPipeline; "
+             "DDPMPipeline; LDMPipeline; the shipped demo's class-conditioned pipeline (class_embedder)")
 
 
-def test_text_encoder_pipeline(tiny_dir, tmp_path):
+def test_unknown_pipeline_class_with_a_text_encoder(tiny_dir, tmp_path):
     bad = copy_of(tiny_dir, tmp_path)
     index = json.loads((bad / "model_index.json").read_text())
     index.pop("class_embedder")

@@ -28,8 +28,9 @@ def test_demo_index_gets_the_class_label_adapter(tiny_dir):
 def test_unsupported_pipeline_named_with_the_supported_ones():
     with pytest.raises(InputError) as e:
         family_for({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "m")
-    assert "pipeline FluxPipeline (transformer FluxTransformer2DModel) is not supported; supported: class-conditioned" \
-        in str(e.value)
+    assert "pipeline FluxPipeline (transformer FluxTransformer2DModel) is not supported; supported: " \
+        "StableDiffusionPipeline; StableDiffusionXLPipeline; LatentConsistencyModelPipeline; DDPMPipeline; " \
+        "LDMPipeline; the shipped demo's class-conditioned pipeline (class_embedder)" in str(e.value)
 
 
 def test_specs_follow_the_config_and_name_latent_and_image_axes_apart():
@@ -67,9 +68,9 @@ def test_euler_pipeline_keeps_its_scheduler_into_the_bundle(tmp_path):
     assert type(load_pipeline(out / "pruned").scheduler).__name__ == "EulerDiscreteScheduler"
 
 
-def test_a_diffusers_ddpm_pipeline_is_refused_in_one_line(tmp_path):
-    """A pipeline saved by diffusers' own save_pretrained, of a family without an adapter yet: named, exit 2."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+def test_an_unsupported_diffusers_pipeline_is_refused_in_one_line(tmp_path):
+    """A pipeline saved by diffusers' own save_pretrained, of a class without an adapter: named, exit 2."""
+    from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
     from typer.testing import CliRunner
 
     from tinyprune.cli import app
@@ -77,11 +78,11 @@ def test_a_diffusers_ddpm_pipeline_is_refused_in_one_line(tmp_path):
     unet = UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,
                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    r = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "ddpm"), "--out", str(tmp_path / "out")])
+    ScoreSdeVePipeline(unet=unet, scheduler=ScoreSdeVeScheduler()).save_pretrained(tmp_path / "sde")
+    r = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "sde"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {tmp_path / 'ddpm'}: pipeline DDPMPipeline (scheduler DDPMScheduler, unet UNet2DModel) "
-                      "is not supported; supported: class-conditioned (UNet2DConditionModel + AutoencoderKL + "
-                      "class_embedder, as the shipped demo)"]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {tmp_path / 'sde'}: pipeline ScoreSdeVePipeline (scheduler ScoreSdeVeScheduler, unet UNet2DModel) "
+        "is not supported; supported: StableDiffusionPipeline; ")
     assert not (tmp_path / "out").exists()

@@ -97,8 +97,9 @@ def test_allocation_targets():
     keep = allocate(groups, scores, Target("params", 0.3 * total), scope="layer")
     fractions = [1 - len(keep[gr.path]) / gr.units for gr in groups]
     assert min(fractions) > 0 and max(fractions) - min(fractions) <= 2 / 8  # one fraction, up to whole units
-    macs = unit_macs(pipe.unet, groups, token_counts(pipe.unet, groups))
-    m0 = count_macs(pipe.unet)
+    cond = pipe.family.example_condition(1)
+    macs = unit_macs(pipe.unet, groups, token_counts(pipe.unet, groups, cond))
+    m0 = count_macs(pipe.unet, cond)
     keep = allocate(groups, scores, Target("macs", 0.6 * m0), macs=macs, macs_total=m0)
     removed = sum((gr.units - len(keep[gr.path])) * macs[gr.path] for gr in groups)
     assert m0 - removed <= 0.6 * m0 * 1.02
@@ -112,7 +113,7 @@ def test_target_macs_and_latency_aware_by_macs():
                             _batches(pipe), score_options=FAST["diff-pruning"])
     u = plan.components["unet"]
     assert u.macs <= 0.5 * u.macs_dense * 1.02 and u.allocation["cost"] == "MACs"
-    assert u.macs == count_macs(pipe.unet)
+    assert u.macs == count_macs(pipe.unet, pipe.family.example_condition(1))
 
 
 def test_ort_cost_table_covers_groups():
@@ -120,7 +121,7 @@ def test_ort_cost_table_covers_groups():
 
     pipe = tiny_pipeline(seed=0)
     groups = find_groups(pipe.unet)
-    table = ort_cost_table(pipe.unet, groups, runs=3)
+    table = ort_cost_table(pipe.unet, groups, pipe.family.example_condition(1), runs=3)
     assert set(table) == {g.path for g in groups} and all(v > 0 for v in table.values())
 
 

@@ -155,6 +155,8 @@ def component_feed(manifest: dict, component: str, seed: int = 0) -> dict[str, n
             shape[0] = max(1, shapes["min"][0])
         if name == "timestep":
             feed[name] = np.full(shape, 500.0, dtype=np.float32)
+        elif name == "input_ids":  # token ids, int32 as diffusers' ONNX pipelines feed them; 256: in every vocab
+            feed[name] = rng.integers(0, 256, shape).astype(np.int32)
         else:
             feed[name] = rng.standard_normal(shape).astype(np.float32)
     return feed
@@ -179,7 +181,8 @@ def _export_dense(model_dir: Path, manifest: dict, profile, out: Path, log) -> d
         log(f"exporting dense {comp.name} for the comparison")
         export_component(dense, comp, xspec, out / comp.name / "model.onnx", meta)
         comps[comp.name] = {"file": f"{comp.name}/model.onnx", "inputs": comp.trt_shapes(xspec)}
-    write_runtime_dir(dense, out)
+    if dense.family.RUNTIME:
+        write_runtime_dir(dense, out)
     dense_manifest = {"profile": profile.name, "sparsity": 0.0, "components": comps, "source": manifest["source"]}
     (out / "manifest.json").write_text(json.dumps(dense_manifest, indent=2))
     return dense_manifest
@@ -335,6 +338,10 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
     check_backend(backend)
     profile = load_profile(target or manifest["profile"])
     compare = compare or dense is not None
+    if generation and not (bundle / "runtime" / "shapes.json").is_file():
+        log("generation: not measured: this bundle has no runtime/ (the torch-free runtime's loop is the "
+            "class-conditioned one so far); its components are timed one by one")
+        generation = False
 
     with tempfile.TemporaryDirectory(prefix="tinyprune-bench-") as tmp:
         models = [Model("pruned", bundle, bundle / "pruned", manifest)]
@@ -356,7 +363,8 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
                     from tinyprune.ship.runtime_files import write_runtime_dir
 
                     dm = Model("dense", None, src, manifest, runtime_dir=Path(tmp))
-                    write_runtime_dir(dm.pipe(), Path(tmp))
+                    if dm.pipe().family.RUNTIME:
+                        write_runtime_dir(dm.pipe(), Path(tmp))
                     models.insert(0, dm)
         if backend not in ONNX_BACKENDS:
             for m in models:  # weights loaded before measuring: torch rows' memory is what running adds

@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         unet, embedder, scheduler, m = train_unet(vae, x_train, y_train, recipe["unet"], args.seed, device, log,
                                                   Budget(args.minutes, STAGE_SHARE["unet"], log, "unet"))
         metrics["unet"] = m
-        save_pipeline(Pipeline(unet, vae.eval().requires_grad_(False), scheduler, embedder, dict(INDEX)), out)
+        save_pipeline(Pipeline(unet, vae.eval().requires_grad_(False), scheduler, {"class_embedder": embedder},
+                               dict(INDEX)), out)
         log(f"pipeline: saved {out}")
 
     if "report" in stages:

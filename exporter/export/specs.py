@@ -56,14 +56,7 @@ class ComponentSpec:
         return profile.tolerance.get(self.name, self.io.default_tolerance)
 
     def dummy_feed(self, batch: int, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        feed = {}
-        for name, shape in self.shape(batch, latent).items():
-            if name in self.io.int_ranges:
-                feed[name] = rng.integers(*self.io.int_ranges[name], shape).astype(np.float32)
-            else:
-                feed[name] = rng.standard_normal(shape).astype(np.float32)
-        return feed
+        return self.io.dummy_feed(batch, latent, seed)
 
     def trt_shapes(self, spec: ExportSpec) -> dict[str, dict[str, list[int]]]:
         at = {k: self.shape(getattr(spec.batch, k), getattr(spec.latent, k)) for k in ("min", "opt", "max")}

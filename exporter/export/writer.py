@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -25,21 +26,46 @@ from tinyprune.model.pipeline import Pipeline
 MAX_EXPORT_OPSET = 17
 
 
-def _use_plain_attention(pipe: Pipeline) -> None:
-    """Plain MatMul/Softmax attention: exports at any opset and every TensorRT version parses it."""
+@contextmanager
+def plain_attention(pipe: Pipeline):
+    """Plain MatMul/Softmax attention while tracing: exports at any opset and every TensorRT version parses it.
+    CLIP's fused attention (scaled_dot_product_attention) needs opset 14, which JetPack 4.6's TensorRT 8.2 does
+    not parse; its eager attention exports at 13. Only for the trace: PyTorch sampling after the export keeps
+    the fused attention, which at Stable Diffusion size (4096 tokens) does not materialise 8 x 4096 x 4096
+    attention matrices (> 1 GB)."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    pipe.unet.set_attn_processor(AttnProcessor())
-    pipe.vae.set_attn_processor(AttnProcessor())
+    diffusers_models = [m for m in (pipe.unet, pipe.vae) if hasattr(m, "set_attn_processor")]
+    saved = {m: m.attn_processors for m in diffusers_models}
+    text = {m: m.config._attn_implementation for m in pipe.models().values() if hasattr(m, "set_attn_implementation")}
+    for m in diffusers_models:
+        m.set_attn_processor(AttnProcessor())
+    for m in text:
+        m.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for m, processors in saved.items():
+            m.set_attn_processor(processors)
+        for m, impl in text.items():
+            m.set_attn_implementation(impl)
 
 
 def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path: Path, meta: dict) -> dict:
     """Export one component to `path` (a model.onnx inside its own dir); returns the metadata stamped on it."""
-    # The plain processors only for the trace: PyTorch sampling after the export (runtime references at native
-    # size) keeps the fused attention, which at Stable Diffusion size (4096 tokens) does not materialise
-    # 8 x 4096 x 4096 attention matrices (> 1 GB).
-    saved = {m: m.attn_processors for m in (pipe.unet, pipe.vae)}
-    _use_plain_attention(pipe)
+    with plain_attention(pipe):
+        _trace(pipe, comp, spec, path)
+    model = onnx.load(str(path), load_external_data=False)  # past 2 GB torch wrote one file per tensor
+    model.producer_name, model.producer_version = "tinyprune", meta["version"]
+    stamped = sparsity_metadata(model, component=comp.name, **meta, base_dir=str(path.parent))
+    set_metadata(model, stamped)
+    external = _data_size(model, path.parent) > spec.external_data_threshold
+    _write_model(model, path, external)
+    onnx.checker.check_model(str(path))
+    return stamped
+
+
+def _trace(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path: Path) -> None:
     module = comp.module(pipe).eval()
     feed = comp.dummy_feed(spec.batch.opt, spec.latent.opt)
     args = tuple(torch.from_numpy(feed[n]) for n in comp.inputs)
@@ -52,17 +78,8 @@ def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path
                 dynamic_axes=comp.dynamic_axes(spec), opset_version=spec.opset, do_constant_folding=True,
                 dynamo=False,
             )
-    finally:
-        for m, processors in saved.items():
-            m.set_attn_processor(processors)
-    model = onnx.load(str(path), load_external_data=False)  # past 2 GB torch wrote one file per tensor
-    model.producer_name, model.producer_version = "tinyprune", meta["version"]
-    stamped = sparsity_metadata(model, component=comp.name, **meta, base_dir=str(path.parent))
-    set_metadata(model, stamped)
-    external = _data_size(model, path.parent) > spec.external_data_threshold
-    _write_model(model, path, external)
-    onnx.checker.check_model(str(path))
-    return stamped
+    except torch.onnx.errors.UnsupportedOperatorError as e:
+        raise InputError(f"{comp.name} cannot be exported at opset {spec.opset}: {str(e).splitlines()[0][:200]}") from None
 
 
 # Tensors at least this big go to the .data file (onnx's own default size_threshold) at offsets aligned

@@ -13,14 +13,14 @@ from tinyprune.runtime.generate import RUNTIME_DIR, SHAPES_FILE
 E2E_LABELS = 4  # conditions in the runtime-vs-PyTorch check: a numerical check, a few images suffice
 
 
-def runtime_check(bundle_dir: Path, ref, profile, what: str, steps: int | None = None):
-    """runtime_drift(...), or a skipped ImageDrift (no gate) when ref is None or the bundle has no runtime/
-    (made by a tinyprune before the runtime existed)."""
+def runtime_check(bundle_dir: Path, ref, profile, what: str, steps: int | None = None, why_not: str | None = None):
+    """runtime_drift(...), or a skipped ImageDrift (no gate) when the check does not apply (why_not), ref is None
+    or the bundle has no runtime/ (made by a tinyprune before the runtime existed)."""
 
-    reason = None
-    if ref is None:
+    reason = why_not
+    if reason is None and ref is None:
         reason = "--image-checks 0"
-    elif not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
+    elif reason is None and not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
         reason = "no runtime/ in this bundle: re-export it"
     if reason:
         return ImageDrift.skip(f"image runtime (ort-cpu) vs PyTorch, {what}", profile.min_runtime_psnr_db, reason)

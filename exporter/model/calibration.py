@@ -1,8 +1,10 @@
 """Calibration batches (x_t, t, cond, noise) for data-driven importance scores and recovery.
 
-Two sources: a folder of images encoded by the pipeline's own VAE, or — when the training data is not
-at hand — data-free, from the dense model's own samples for the classes listed in calibration/.
-Timesteps are stratified over the training range so every batch covers early and late denoising.
+Two sources: a folder of images encoded by the pipeline's own VAE (with captions for text families, class
+sub-folders for the class-conditioned demo), or -- when the training data is not at hand -- data-free, from the
+dense model's own samples for the family's calibration conditions (calibration/prompts.txt for text families,
+calibration/classes.json for the demo, noise alone for unconditional ones). Timesteps are stratified over the
+training range so every batch covers early and late denoising.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class Batch:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Clean latents with their labels; batches() noises them reproducibly."""
+    """Clean latents with their conditions (the family's: class labels, prompts, None); batches() noises them
+    reproducibly."""
 
     latents: torch.Tensor
-    labels: torch.Tensor
+    conditions: list
     source: str
 
     def batches(self, pipe: Pipeline, batch_size: int = 16, seed: int = 0) -> list[Batch]:
@@ -53,7 +56,7 @@ class CalibrationSet:
             t = (edges[:-1] + torch.rand(b, generator=g) * (edges[1:] - edges[:-1])).long().clamp_max(n_train - 1)
             noise = torch.randn(x0.shape, generator=g)
             with torch.no_grad():
-                cond = pipe.family.condition(self.labels[start:start + b])
+                cond = pipe.family.condition(self.conditions[start:start + b])
             out.append(Batch(sched.add_noise(x0, noise, t), t, cond, noise, x0))
         return out
 
@@ -63,19 +66,40 @@ def default_classes() -> list[int]:
     return list(data["classes"])
 
 
-def from_samples(pipe: Pipeline, per_class: int = 4, classes: list[int] | None = None, seed: int = 0,
-                 steps: int = 20) -> CalibrationSet:
-    """Data-free: the dense model's own samples for each listed class."""
-    classes = default_classes() if classes is None else classes
-    labels = [c for c in classes for _ in range(per_class)]
-    latents = torch.cat([sample_latents(pipe, labels[i:i + 20], seed=seed + i, steps=steps)
-                         for i in range(0, len(labels), 20)])
-    return CalibrationSet(latents, torch.tensor(labels), "samples")
+def from_samples(pipe: Pipeline, conditions: list | None = None, seed: int = 0, steps: int = 20) -> CalibrationSet:
+    """Data-free: the dense model's own samples, one per condition (default: the family's calibration set)."""
+    conditions = pipe.family.calibration_conditions() if conditions is None else list(conditions)
+    latents = torch.cat([sample_latents(pipe, conditions[i:i + 20], seed=seed + i, steps=steps)
+                         for i in range(0, len(conditions), 20)])
+    return CalibrationSet(latents, conditions, "samples")
 
 
-def from_images(pipe: Pipeline, folder: str | Path, label: int | None = None, limit: int = 256) -> CalibrationSet:
-    """Images of a folder through the VAE encoder. Sub-folders named by class index give labels;
-    otherwise every image gets `label` (default: the null class, i.e. unconditional)."""
+def captions(folder: Path) -> dict[Path, str]:
+    """Captions of a folder's images: metadata.jsonl lines {"file_name", "text"} (the Hugging Face imagefolder
+    layout) and, beside an image, a .txt file of the same stem (which wins)."""
+    out = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[(folder / row["file_name"]).resolve()] = str(row.get("text", row.get("caption", "")))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{meta}:{n} is not a JSON object with file_name and text") from None
+    for txt in folder.rglob("*.txt"):
+        for suffix in IMAGE_SUFFIXES:
+            image = txt.with_suffix(suffix)
+            if image.is_file():
+                out[image.resolve()] = txt.read_text(encoding="utf-8").strip()
+    return out
+
+
+def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> CalibrationSet:
+    """Images of a folder through the VAE encoder, each with the family's condition for it: its caption (text
+    families; metadata.jsonl or a same-stem .txt, "" when it has none), its class sub-folder (the demo; other
+    images are unconditional), nothing (unconditional families)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -84,21 +108,20 @@ def from_images(pipe: Pipeline, folder: str | Path, label: int | None = None, li
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise InputError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    size = pipe.latent_size * pipe.vae_scale
-    null = pipe.conditioner.null_class if label is None else label  # class-conditioned family only
-    images, labels = [], []
+    size, family, texts = pipe.image_size, pipe.family, captions(folder)
+    images, conditions = [], []
     for p in paths:
         try:
             img = Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)
         except OSError as e:
             raise InputError(f"calibration image {p} could not be read ({e})") from None
         images.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-        parent = p.parent.name
-        labels.append(int(parent) if parent.isdigit() and p.parent != folder else null)
+        conditions.append(family.image_condition(p.parent.name if p.parent != folder else None,
+                                                 texts.get(p.resolve())))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     with torch.no_grad():
-        latents = torch.cat([pipe.family.encode_images(x[i:i + 32]) for i in range(0, len(x), 32)])
-    return CalibrationSet(latents, torch.tensor(labels), f"images:{folder.name}")
+        latents = torch.cat([family.encode_images(x[i:i + 32]) for i in range(0, len(x), 32)])
+    return CalibrationSet(latents, conditions, f"images:{folder.name}")
 
 
 def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,

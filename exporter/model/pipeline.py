@@ -1,9 +1,12 @@
 """Load and save diffusers pipelines from local dirs (safetensors only), and the default pipeline.
 
-A pipeline dir is diffusers' layout: model_index.json, unet/, vae/, scheduler/ and the conditioner its family
-adapter names (model/families/). Every component is loaded with diffusers' own
-`from_pretrained(use_safetensors=True)`; pickle weights are refused before anything is read. The scheduler is
-loaded as the class its config names, so a bundle records the pipeline's own scheduler.
+A pipeline dir is diffusers' layout: model_index.json, unet/, scheduler/, and what its family adapter
+(model/families/) names: the latent codec (vae/ or vqvae/, none in pixel space) and the conditioning parts (text
+encoders and tokenizers, or the demo's class embedder). Every component is loaded with diffusers' and
+transformers' own `from_pretrained(use_safetensors=True)` from the local dir; pickle weights are refused before
+anything is read, and parts that cannot work together (a text encoder of the wrong width) are refused from their
+config.json before any weight is. The scheduler is loaded as the class its config names, so a bundle records
+the pipeline's own scheduler.
 """
 
 from __future__ import annotations
@@ -22,15 +25,20 @@ from tinyprune.model.families import Family, family_for
 from tinyprune.model.families.class_label import ClassEmbedder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "DDPMScheduler", "PNDMScheduler")
+SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler",
+              "PNDMScheduler", "DPMSolverMultistepScheduler", "LCMScheduler")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer's file, or a CLIP BPE vocabulary
 
 
 @dataclass
 class Pipeline:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    """A loaded pipeline: the denoiser, its scheduler, the latent codec (None in pixel space) and the family's
+    conditioning parts by component name (text_encoder, tokenizer, ..., or class_embedder)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
     scheduler: object
-    conditioner: torch.nn.Module
+    parts: dict
     index: dict
     root: Path | None = None
 
@@ -58,10 +66,24 @@ class Pipeline:
 
     @property
     def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.latents.scale
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_size * self.vae_scale
+
+    @property
+    def conditioner(self):
+        """The first conditioning part (the class embedder, the first text encoder); None when unconditional."""
+        return next((m for m in self.parts.values() if isinstance(m, torch.nn.Module)), None)
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """Every torch model of the pipeline by the name its weights are known by (unet, vae, text_encoder..)."""
+        out = {"unet": self.unet, **({"vae": self.vae} if self.vae is not None else {})}
+        return out | {k: m for k, m in self.parts.items() if isinstance(m, torch.nn.Module)}
 
     def eval(self) -> "Pipeline":
-        for m in (self.unet, self.vae, self.conditioner):
+        for m in self.models().values():
             m.eval().requires_grad_(False)
         return self
 
@@ -92,11 +114,24 @@ def _check_weights(sub: Path) -> None:
     raise InputError(f"{sub} has no weights (no .safetensors file)")
 
 
-def _load_component(cls, root: Path, name: str):
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _component_dir(root: Path, name: str) -> Path:
     sub = root / name
     if not sub.is_dir():
         raise InputError(f"{root} is not a complete pipeline: component dir '{name}/' is missing")
-    _read_json(sub / "config.json")
+    return sub
+
+
+def _config(root: Path, name: str) -> dict:
+    return _read_json(_component_dir(root, name) / "config.json")
+
+
+def _load_component(cls, root: Path, name: str):
+    sub = root / name
+    _config(root, name)
     _check_weights(sub)
     try:
         return cls.from_pretrained(sub, use_safetensors=True, local_files_only=True)
@@ -105,12 +140,22 @@ def _load_component(cls, root: Path, name: str):
     except MemoryError:  # exit 1, as a full disk: the run failed on this machine, the input may be fine
         raise TinypruneError(f"{sub}: not enough memory to load these weights here (the file is not the "
                              "problem): free memory or use a machine with more") from None
-    except Exception as e:  # diffusers raises many kinds for a truncated or mismatched file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # diffusers and transformers raise many kinds for a truncated or mismatched file
+        first = _first_line(e)
         if "expected shape" in first or "size mismatch" in first:
             raise InputError(f"{sub}: weights do not fit the shapes its config.json builds: a channel-pruned "
                              f"UNet needs its structure.json, which is missing ({first[:160]})") from None
         raise InputError(f"{sub}: weights could not be loaded, corrupt or truncated? ({first[:200]})") from None
+
+
+def _load_tokenizer(cls, root: Path, name: str):
+    sub = _component_dir(root, name)
+    if not any((sub / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(f"{sub} holds no tokenizer ({' or '.join(TOKENIZER_FILES)} is missing)")
+    try:
+        return cls.from_pretrained(sub, local_files_only=True)
+    except Exception as e:
+        raise InputError(f"{sub}: tokenizer could not be loaded ({_first_line(e)[:200]})") from None
 
 
 def _load_structured_unet(sub: Path):
@@ -127,6 +172,18 @@ def _load_structured_unet(sub: Path):
                          f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
+def _entry_class(index: dict, name: str, allowed: tuple[str, ...], where: str) -> type:
+    """The diffusers class model_index.json names for a component, if it is one the family takes."""
+    import diffusers
+
+    entry = index.get(name)
+    cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if cls not in allowed:
+        raise InputError(f"{where}: component '{name}' is {cls or 'not listed'}; this family takes "
+                         f"{' or '.join(allowed)}")
+    return getattr(diffusers, cls)
+
+
 def load_pipeline(model_dir: str | Path) -> Pipeline:
     root = Path(model_dir)
     if not root.exists():
@@ -136,41 +193,62 @@ def load_pipeline(model_dir: str | Path) -> Pipeline:
     if not (root / "model_index.json").is_file():
         raise InputError(f"{root} is not a diffusers pipeline: model_index.json is missing")
     index = _read_json(root / "model_index.json")
+
     def require(*names):
         for name in names:
-            if name not in index:
+            if not isinstance(index.get(name), list) or not index[name][1]:
                 raise InputError(f"{root}/model_index.json lists no '{name}' component")
 
     require("unet", "scheduler")  # every diffusion pipeline has these; what else it needs is its family's
     family = family_for(index, str(root))
-    require("vae", family.CONDITIONER)
+    require(*([family.VAE] if family.VAE else []), *family.PARTS)
+    unet_cls = _entry_class(index, "unet", (family.UNET,), str(root))
     sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
     if sched_cfg.get("_class_name") not in SCHEDULERS:
         raise InputError(f"{root}/scheduler: unsupported scheduler {sched_cfg.get('_class_name')!r}; "
                          f"supported: {', '.join(SCHEDULERS)}")
+    configs = {name: _config(root, name) for name in ("unet", *family.PARTS) if name not in family.tokenizers()}
+    family.check_configs(configs, str(root))
     import diffusers
 
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     if (root / "unet" / "structure.json").is_file():  # channel-pruned: shapes from unet/structure.json
         unet = _load_structured_unet(root / "unet")
     else:
-        unet = _load_component(UNet2DConditionModel, root, "unet")
-    vae = _load_component(AutoencoderKL, root, "vae")
-    conditioner = _load_component(family.conditioner_class(), root, family.CONDITIONER)
-    return Pipeline(unet, vae, scheduler, conditioner, index, root).eval()
+        unet = _load_component(unet_cls, root, "unet")
+    vae = None
+    if family.VAE:
+        vae = _load_component(_entry_class(index, family.VAE, family.VAE_CLASSES, str(root)), root, family.VAE)
+    parts = {}
+    for name in family.PARTS:
+        cls = family.part_class(name)
+        loader = _load_tokenizer if name in family.tokenizers() else _load_component
+        parts[name] = loader(cls, root, name)
+    return Pipeline(unet, vae, scheduler, parts, index, root).eval()
 
 
 def save_pipeline(pipe: Pipeline, out: Path) -> None:
+    """diffusers' layout: what diffusers' own from_pretrained loads, components tinyprune does not carry (a
+    safety checker) listed as absent."""
     out.mkdir(parents=True, exist_ok=True)
+    family = pipe.family
     pipe.unet.save_pretrained(out / "unet", safe_serialization=True)
     if getattr(pipe.unet, "tinyprune_structure", None):  # channel-pruned: the shapes reload needs
         from tinyprune.model.structure import save_structure
 
         save_structure(pipe.unet, out / "unet")
-    pipe.vae.save_pretrained(out / "vae", safe_serialization=True)
-    pipe.conditioner.save_pretrained(out / pipe.family.CONDITIONER, safe_serialization=True)
+    if pipe.vae is not None:
+        pipe.vae.save_pretrained(out / family.VAE, safe_serialization=True)
+    for name, part in pipe.parts.items():
+        if isinstance(part, torch.nn.Module):
+            part.save_pretrained(out / name, safe_serialization=True)
+        else:
+            part.save_pretrained(out / name)
     pipe.scheduler.save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(pipe.index, indent=2, sort_keys=True) + "\n")
+    kept = {"unet", "scheduler", family.VAE, *pipe.parts}
+    index = {k: (v if k.startswith("_") or k in kept or not isinstance(v, list) else [None, None])
+             for k, v in pipe.index.items()}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def tree_sha256(root: Path) -> str:
@@ -213,4 +291,4 @@ def tiny_pipeline(seed: int = 0, cross_dim: int = 32) -> Pipeline:
     )
     conditioner = ClassEmbedder(num_classes=10, embed_dim=cross_dim)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    return Pipeline(unet, vae, scheduler, conditioner, dict(INDEX)).eval()
+    return Pipeline(unet, vae, scheduler, {"class_embedder": conditioner}, dict(INDEX)).eval()

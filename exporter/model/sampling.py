@@ -1,5 +1,5 @@
-"""The PyTorch reference generation loop: DDIM (eta 0) with classifier-free guidance, conditioned through the
-pipeline's family adapter. The reference is DDIM whatever sampler the pipeline ships, because the torch-free
+"""The PyTorch reference generation loop: DDIM (eta 0) with classifier-free guidance where the family guides
+(an LCM embeds its guidance, unconditional families have none), conditioned through the pipeline's family adapter. The reference is DDIM whatever sampler the pipeline ships, because the torch-free
 runtime's checks reproduce it step for step.
 
 Initial noise comes from numpy's generator so that the torch-free runtime reproduces it bit for bit.
@@ -40,10 +40,17 @@ def sample_latents(pipe: Pipeline, conditions: list, seed: int = 0, steps: int =
     latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size))
     latents = latents * scheduler.init_noise_sigma
     family = pipe.family
-    cond = cat_cond([family.null_condition(b), family.condition(conditions)])
+    cond, uncond = family.condition(conditions), family.null_condition(b)
     for t in scheduler.timesteps:
-        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps_u, eps_c = pipe.unet(x, t, **cond).sample.chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
+        eps = guided_eps(pipe.unet, scheduler.scale_model_input(latents, t), t, cond, uncond, guidance)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents
+
+
+def guided_eps(unet, x: torch.Tensor, t, cond, uncond, guidance: float) -> torch.Tensor:
+    """The UNet's prediction for x, with classifier-free guidance (one batch [uncond, cond]) when uncond is not
+    None, else one plain call."""
+    if uncond is None:
+        return unet(x, t, **cond).sample
+    eps_u, eps_c = unet(torch.cat([x, x]), t, **cat_cond([uncond, cond])).sample.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)

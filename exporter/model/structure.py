@@ -389,13 +389,15 @@ def save_structure(unet: nn.Module, unet_dir: Path) -> bool:
 def load_structured_unet(unet_dir: Path):
     """Build the UNet from its config.json, apply structure.json's shapes, load the safetensors weights
     (strict: every tensor must be there with its exact shape). No pickle anywhere."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
     from safetensors.torch import load_file
 
     unet_dir = Path(unet_dir)
     config = json.loads((unet_dir / "config.json").read_text())
     record = json.loads((unet_dir / STRUCTURE_FILE).read_text())
-    unet = UNet2DConditionModel.from_config(config)
+    if config.get("_class_name") not in ("UNet2DConditionModel", "UNet2DModel"):
+        raise ValueError(f"config.json names {config.get('_class_name')!r}, not a diffusers UNet")
+    unet = getattr(diffusers, config["_class_name"]).from_config(config)
     apply_structure(unet, record)
     files = sorted(unet_dir.glob("*.safetensors"))
     if len(files) != 1:

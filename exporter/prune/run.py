@@ -54,10 +54,19 @@ def _masks(model, weights, spec: PruneSpec, batches, scheduler, log):
 
 
 def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None) -> PrunePlan:
-    """Prune the UNet (and the VAE when asked) in place; returns the plan recorded in the bundle."""
+    """Prune the UNet (and the VAE and text encoders when asked) in place; returns the plan recorded in the bundle."""
+    from tinyprune.errors import InputError
+
+    family = pipe.family
     models = {"unet": pipe.unet}
     if spec.prune_vae:
+        if pipe.vae is None:
+            raise InputError(f"--prune-vae: a {family.name} pipeline has no VAE (it denoises in pixel space)")
         models["vae"] = pipe.vae
+    if spec.prune_text_encoder:
+        if not family.PRUNABLE_PARTS:
+            raise InputError(f"--prune-text-encoder: a {family.name} pipeline has no text encoder")
+        models.update({name: pipe.parts[name] for name in family.PRUNABLE_PARTS})
     if batches is None and spec.needs_calibration:
         from tinyprune.model.calibration import calibration_batches
 

@@ -49,7 +49,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise InputError(f"{path} is missing: this bundle has no runtime files (re-export it with this tinyprune)")
+        raise InputError(f"{path} is missing: this bundle has no runtime files (the runtime's loop is the "
+                         "class-conditioned one so far; a bundle of another family has none, an older one: re-export it)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

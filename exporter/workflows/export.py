@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,12 +78,13 @@ def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, 
     profile = load_profile(target)
     tuning = dict(tuning or {})  # raw CLI values of the l1-grad / recovery options, None = default
     calibration = tuning.pop("calibration", None)
+    prune_text = bool(tuning.pop("prune_text_encoder", False))
     from tinyprune.config import StructuredSpec
 
     structured = StructuredSpec.parse(**(tuning.pop("structured", None) or {}))  # structured methods' options
     spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile,
                                       l1grad=L1GradSpec.parse(**tuning), calibration=calibration,
-                                      structured=structured)
+                                      structured=structured, prune_text_encoder=prune_text)
     for n in notices:
         log(f"notice: {n}")
     check_out_dir(out, force)  # before minutes of work, not after
@@ -179,11 +181,18 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
     profile, spec, plan, stage = run.profile, run.spec, run.plan, run.stage
     run.checks.pruned(pruned)  # PyTorch's side of every check, while the pipeline is loaded
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
+    notices = run.notices
+    if xspec.opset < 14 and any(c.name.startswith("text_encoder") for c in component_specs(pruned)):
+        notices += (f"{profile.name}: text encoders exported at opset {xspec.opset} with eager attention "
+                    "(MatMul/Softmax): CLIP's fused attention needs opset 14, which this target's TensorRT does not parse",)
+        log(f"notice: {notices[-1]}")
     meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
             "source_sha256": run.source_sha}
     with staged(out, force) as tmp:
         with stage("save pruned pipeline"):
             _save_pruned(pruned, plan, tmp / "pruned")
+            for name in ("scheduler", *pruned.family.tokenizers()):  # beside the ONNX files, as the pipeline has them
+                shutil.copytree(tmp / "pruned" / name, tmp / name)
         components = {}
         for comp in component_specs(pruned):
             pruned_comp = plan.components.get(comp.source)
@@ -202,8 +211,12 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 "inputs": comp.trt_shapes(xspec),
                 "outputs": list(comp.outputs),
             }
-        with stage("runtime files"):  # runtime/ for the torch-free loop
-            write_runtime_dir(pruned, tmp)
+        if pruned.family.RUNTIME:
+            with stage("runtime files"):  # runtime/ for the torch-free loop
+                write_runtime_dir(pruned, tmp)
+        else:
+            log(f"notice: no runtime/ in this bundle: the torch-free runtime has no {pruned.family.name} loop yet "
+                "(the ONNX files are checked component by component)")
         del pruned  # the last reference to the PyTorch weights: onnxruntime's copy must not sit beside them
         gc.collect()
         run.checks.bundle(tmp)
@@ -211,7 +224,7 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
         result = ExportResult(
             model="demo" if model is None else run.model_dir.name, profile=profile.name, method=spec.method,
             pattern=spec.pattern, requested_sparsity=spec.sparsity, sparsity=plan.sparsity(),
-            speedup_source=speedup_source(profile, spec.pattern), notices=run.notices,
+            speedup_source=speedup_source(profile, spec.pattern), notices=notices,
             pruning=pruning_summary(plan), opset=xspec.opset, checked=run.checks.done(), bundle=out)
         write_report(tmp, result.report())
         manifest = write_manifest(tmp, {

@@ -4,10 +4,13 @@ encodes and decodes, and which ONNX components it has. Everything outside model/
 from __future__ import annotations
 
 from tinyprune.errors import InputError
-from tinyprune.model.families.base import ComponentIO, Cond, Family, cat_cond, repeat_cond, take_cond
+from tinyprune.model.families.base import ComponentIO, Cond, Family, cat_cond, flat_cond, repeat_cond, take_cond
 from tinyprune.model.families.class_label import ClassLabelFamily
+from tinyprune.model.families.text import LatentConsistencyFamily, StableDiffusionFamily, StableDiffusionXLFamily
+from tinyprune.model.families.unconditional import DDPMFamily, LDMFamily
 
-FAMILIES: tuple[type[Family], ...] = (ClassLabelFamily,)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, LatentConsistencyFamily,
+                                      DDPMFamily, LDMFamily, ClassLabelFamily)
 
 
 def family_for(index: dict, where: str) -> type[Family]:
@@ -18,8 +21,9 @@ def family_for(index: dict, where: str) -> type[Family]:
     cls = index.get("_class_name", "unknown")
     parts = ", ".join(f"{k} {v[1]}" for k, v in sorted(index.items())
                       if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1])
-    supported = "; ".join(f"{f.name} ({f.describe()})" for f in FAMILIES)
+    supported = "; ".join(f.describe() for f in FAMILIES)
     raise InputError(f"{where}: pipeline {cls} ({parts}) is not supported; supported: {supported}")
 
 
-__all__ = ["FAMILIES", "ComponentIO", "Cond", "Family", "cat_cond", "family_for", "repeat_cond", "take_cond"]
+__all__ = ["FAMILIES", "ComponentIO", "Cond", "Family", "cat_cond", "family_for", "flat_cond", "repeat_cond",
+           "take_cond"]

@@ -11,7 +11,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from tinyprune.model.families.base import ComponentIO, Cond, Family
+from tinyprune.model.families.base import ComponentIO, Cond, Family, UNetModule
 
 
 class ClassEmbedder(ModelMixin, ConfigMixin):
@@ -30,40 +30,12 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
         return self.embedding(labels).view(labels.shape[0], self.config.seq_len, self.config.embed_dim)
 
 
-class UNetModule(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-
-class VaeEncoderModule(torch.nn.Module):
-    """image in [-1, 1] -> scaled latent mean (what the UNet consumes)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image):
-        return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
-
-
-class VaeDecoderModule(torch.nn.Module):
-    """scaled latent -> image in [-1, 1]."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
-
-
 class ClassLabelFamily(Family):
     name = "class-conditioned"
     CONDITIONER = "class_embedder"
+    PARTS = {"class_embedder": "tinyprune.model.families.class_label.ClassEmbedder"}
+    CHECK_CONDITIONS = 10  # every class
+    RUNTIME = True
 
     @classmethod
     def accepts(cls, index: dict) -> bool:
@@ -71,19 +43,33 @@ class ClassLabelFamily(Family):
 
     @classmethod
     def describe(cls) -> str:
-        return "UNet2DConditionModel + AutoencoderKL + class_embedder, as the shipped demo"
+        return "the shipped demo's class-conditioned pipeline (class_embedder)"
 
     @classmethod
-    def conditioner_class(cls) -> type:
-        return ClassEmbedder
+    def check_configs(cls, configs: dict[str, dict], where: str) -> None:
+        from tinyprune.errors import InputError
+
+        width, ctx = configs["unet"].get("cross_attention_dim"), configs["class_embedder"].get("embed_dim")
+        if width != ctx:
+            raise InputError(f"{where}: class_embedder embeds to width {ctx} but the UNet's cross_attention_dim "
+                             f"is {width}")
 
     @property
     def embedder(self) -> ClassEmbedder:
-        return self.pipe.conditioner
+        return self.pipe.parts["class_embedder"]
 
     def check_conditions(self, n: int | None = None) -> list[int]:
         classes = self.embedder.config.num_classes
         return list(range(classes if n is None else min(n, classes)))
+
+    def calibration_conditions(self) -> list[int]:
+        from tinyprune.model.calibration import default_classes
+
+        return [c for c in default_classes() for _ in range(4)]
+
+    def image_condition(self, class_dir: str | None, caption: str | None) -> int:
+        """A sub-folder named by a class index labels its images; any other image is unconditional."""
+        return int(class_dir) if class_dir is not None and class_dir.isdigit() else self.embedder.null_class
 
     def condition(self, conditions: list[int]) -> Cond:
         return {"encoder_hidden_states": self.embedder(torch.as_tensor(conditions, dtype=torch.long))}
@@ -102,22 +88,15 @@ class ClassLabelFamily(Family):
     def components(self) -> tuple[ComponentIO, ...]:
         pipe = self.pipe
         ctx = self.embedder.config
-        latent_ch, image_ch, scale = pipe.latent_channels, pipe.vae.config.in_channels, pipe.vae_scale
+        latent_ch = pipe.latent_channels
         n_train = int(pipe.scheduler.config.num_train_timesteps)
         unet = ComponentIO(
             "unet", "unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",), 1e-3,
-            lambda p: UNetModule(p.unet),
+            lambda p: UNetModule(p.unet, ("encoder_hidden_states",)),
             lambda b, h: {"sample": (b, latent_ch, h, h), "timestep": (b,),
                           "encoder_hidden_states": (b, ctx.seq_len, ctx.embed_dim)},
             {"sample": "latent", "out_sample": "latent"}, {"timestep": (0, n_train)})
-        encoder = ComponentIO(
-            "vae_encoder", "vae", ("image",), ("latent",), 1e-3, lambda p: VaeEncoderModule(p.vae),
-            lambda b, h: {"image": (b, image_ch, h * scale, h * scale)}, {"image": "image", "latent": "latent"}, {})
-        decoder = ComponentIO(
-            "vae_decoder", "vae", ("latent",), ("image",), 5e-3, lambda p: VaeDecoderModule(p.vae),
-            lambda b, h: {"latent": (b, pipe.vae.config.latent_channels, h, h)},
-            {"latent": "latent", "image": "image"}, {})
-        return unet, encoder, decoder
+        return (unet, *self.latent_components())
 
     def runtime_conditioning(self) -> tuple[dict[str, np.ndarray], dict]:
         cfg = self.embedder.config

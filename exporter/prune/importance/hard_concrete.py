@@ -27,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tinyprune.model.families import cat_cond, take_cond
+from tinyprune.model.sampling import guided_eps
 from tinyprune.model.structure import Group
 
 from tinyprune.prune.structured.gates import Gates
@@ -58,9 +59,8 @@ def _trajectory(unet, scheduler, noise, cond, uncond, guidance, checkpointed: bo
     latents = noise * scheduler.init_noise_sigma
 
     def step(lat, t):
-        x = scheduler.scale_model_input(torch.cat([lat, lat]), t)
-        eps_u, eps_c = unet(x, t, **cat_cond([uncond, cond])).sample.chunk(2)
-        return scheduler.step(eps_u + guidance * (eps_c - eps_u), t, lat, eta=0.0).prev_sample
+        eps = guided_eps(unet, scheduler.scale_model_input(lat, t), t, cond, uncond, guidance)
+        return scheduler.step(eps, t, lat, eta=0.0).prev_sample
 
     for t in scheduler.timesteps:
         latents = checkpoint(step, latents, t, use_reentrant=False) if checkpointed else step(latents, t)
@@ -74,14 +74,14 @@ def hard_concrete(unet, groups: list[Group], batches, *, scheduler, null_conditi
                   log=lambda msg: None, info: dict | None = None) -> dict[str, torch.Tensor]:
     """{group path: P(gate open) per unit}. Contexts come from the calibration batches; `trajectories`
     fixed (noise, condition) sets of `batch` samples are cycled over the iterations; null_condition(n) gives the
-    unconditional conditioning of n samples (the family's)."""
+    unconditional conditioning of n samples (the family's; None: the family samples without guidance)."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(scheduler.config)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     conds = cat_cond([b.cond for b in batches])
-    n_conds = len(next(iter(conds.values())))
+    n_conds = sum(len(b.x0) for b in batches)
     shape = batches[0].x0.shape[1:]
     sets = []
     with torch.no_grad():

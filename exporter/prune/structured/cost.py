@@ -16,22 +16,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinyprune.model.families import Cond, flat_cond, repeat_cond
+from tinyprune.model.families.base import UNetModule
 from tinyprune.model.structure import Group, ValueOnlyAttention, get_module
+
+# Every function here takes `cond`: the UNet's conditioning keyword arguments for one sample (the family's
+# example_condition(1)), so that token counts and MACs see the family's real context length and added inputs.
 
 
 # --------------------------------------------------------------------------- shapes and MACs
 
-def _example(unet, batch: int = 1, context_tokens: int = 1):
+def _example(unet, batch: int = 1):
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     x = torch.zeros(batch, unet.config.in_channels, size, size)
     t = torch.full((batch,), 10, dtype=torch.long)
-    ctx = torch.zeros(batch, context_tokens, unet.config.cross_attention_dim)
-    return x, t, ctx
+    return x, t
 
 
 @torch.no_grad()
-def token_counts(unet: nn.Module, groups: list[Group], context_tokens: int = 1) -> dict[str, dict]:
+def token_counts(unet: nn.Module, groups: list[Group], cond: Cond) -> dict[str, dict]:
     """Per group, the spatial size (resnet: H*W of conv1's output; attention: query and key tokens;
     feed-forward: tokens) in one batch-1 forward at the native latent size."""
     seen, handles = {}, []
@@ -52,15 +56,15 @@ def token_counts(unet: nn.Module, groups: list[Group], context_tokens: int = 1) 
             def hook(mod, args, p=g.path):
                 seen[p] = {"n": args[0].shape[1]}
             handles.append(m.register_forward_pre_hook(hook))
-    _forward_once(unet, handles, context_tokens)
+    _forward_once(unet, handles, cond)
     return seen
 
 
-def _forward_once(unet: nn.Module, handles: list, context_tokens: int) -> None:
+def _forward_once(unet: nn.Module, handles: list, cond: Cond) -> None:
     """One forward pass on an example input for the hooks in `handles` to see, which are removed after it."""
     try:
-        x, t, ctx = _example(unet, 1, context_tokens)
-        unet(x, t, encoder_hidden_states=ctx)
+        x, t = _example(unet, 1)
+        unet(x, t, **cond)
     finally:
         for h in handles:
             h.remove()
@@ -91,7 +95,7 @@ def unit_macs(unet: nn.Module, groups: list[Group], tokens: dict[str, dict]) -> 
 
 
 @torch.no_grad()
-def count_macs(unet: nn.Module, context_tokens: int = 1) -> int:
+def count_macs(unet: nn.Module, cond: Cond) -> int:
     """MACs per sample of one UNet call at the native latent size: Conv2d, Linear and attention products."""
     from diffusers.models.attention_processor import Attention
 
@@ -117,7 +121,7 @@ def count_macs(unet: nn.Module, context_tokens: int = 1) -> int:
             handles.append(m.register_forward_hook(linear))
         elif isinstance(m, Attention):
             handles.append(m.register_forward_pre_hook(attn, with_kwargs=True))
-    _forward_once(unet, handles, context_tokens)
+    _forward_once(unet, handles, cond)
     return int(total[0])
 
 
@@ -128,7 +132,7 @@ def onnx_scope(path: str) -> str:
     return re.sub(r"\.(?!\d)", "/", path)
 
 
-def ort_cost_table(unet: nn.Module, groups: list[Group], batch: int = 2, context_tokens: int = 1,
+def ort_cost_table(unet: nn.Module, groups: list[Group], cond: Cond, batch: int = 2,
                    runs: int = 20, threads: int = 2) -> dict[str, float]:
     """Measured onnxruntime CPU time (ms per call) of each group's own nodes in the dense UNet: export
     once, run with profiling, sum kernel times of the nodes under the group's scope. A resnet's
@@ -140,15 +144,10 @@ def ort_cost_table(unet: nn.Module, groups: list[Group], batch: int = 2, context
 
     from diffusers.models.attention_processor import AttnProcessor
 
-    class Wrap(nn.Module):
-        def __init__(self, u):
-            super().__init__()
-            self.unet = u
-
-        def forward(self, x, t, c):
-            return self.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
-
-    x, t, ctx = _example(unet, batch, context_tokens)
+    flat = flat_cond(repeat_cond(cond, batch))
+    x, t = _example(unet, batch)
+    wrap = UNetModule(unet, tuple(flat), tuple(cond.get("added_cond_kwargs", {})))
+    names = ["s", "t", *flat]
     procs = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +155,7 @@ def ort_cost_table(unet: nn.Module, groups: list[Group], batch: int = 2, context
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(Wrap(unet).eval(), (x, t.float(), ctx), path, input_names=["s", "t", "c"],
+                torch.onnx.export(wrap.eval(), (x, t.float(), *flat.values()), path, input_names=names,
                                   output_names=["o"], opset_version=17, dynamo=False)
         finally:
             unet.set_attn_processor(procs)
@@ -166,7 +165,7 @@ def ort_cost_table(unet: nn.Module, groups: list[Group], batch: int = 2, context
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "prof")
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {"s": x.numpy(), "t": t.float().numpy(), "c": ctx.numpy()}
+        feed = {"s": x.numpy(), "t": t.float().numpy(), **{k: v.numpy() for k, v in flat.items()}}
         feed = {i.name: feed[i.name] for i in sess.get_inputs()}
         for _ in range(runs):
             sess.run(None, feed)

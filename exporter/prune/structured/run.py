@@ -52,20 +52,20 @@ def score(method: str, unet, groups, batches, *, pipe, seed: int = 0, log=lambda
     raise ValueError(f"unknown structured method {method!r}")
 
 
-def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, context_tokens: int, log) -> tuple[dict, str]:
+def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log) -> tuple[dict, str]:
     """Per-unit cost for the allocation's priority, and what it is."""
     if not latency_aware:
         return None, "parameters"
     if cost_model == "ort":
         try:
-            table = ort_cost_table(unet, groups, context_tokens=context_tokens)
+            table = ort_cost_table(unet, groups, cond)
             if sum(table.values()) > 0:
                 log("latency-aware: onnxruntime cost table measured on the dense UNet "
                     f"({sum(table.values()):.2f} ms in {len(table)} groups)")
                 return {g.path: max(table[g.path], 1e-6) / g.units for g in groups}, "onnxruntime ms"
         except ImportError:
             log("latency-aware: onnxruntime is missing; weighing groups by MACs instead")
-    macs = unit_macs(unet, groups, token_counts(unet, groups, context_tokens))
+    macs = unit_macs(unet, groups, token_counts(unet, groups, cond))
     return macs, "MACs"
 
 
@@ -79,8 +79,10 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     t0 = time.monotonic()
     torch.manual_seed(spec.seed)
     context_tokens = pipe.family.context_tokens
+    with torch.no_grad():
+        cond = pipe.family.example_condition(1)  # one sample's conditioning for MAC counts and cost tables
     params_dense = prunable_params(unet)
-    macs_dense = count_macs(unet, context_tokens)
+    macs_dense = count_macs(unet, cond)
     teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 else None
     if st.target_macs is not None:
         target = Target("macs", st.target_macs * macs_dense)
@@ -106,13 +108,13 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         if scores is not None:
             scores.update(method=spec.method, info=info, scores=unit_scores)
     costs, cost_kind = unit_costs(unet, groups, latency_aware=st.latency_aware, cost_model=st.cost_model,
-                                  context_tokens=context_tokens, log=log)
-    macs = unit_macs(unet, groups, token_counts(unet, groups, context_tokens)) if target.kind == "macs" else None
+                                  cond=cond, log=log)
+    macs = unit_macs(unet, groups, token_counts(unet, groups, cond)) if target.kind == "macs" else None
     keep = allocate(groups, unit_scores, target, costs=costs, macs=macs, scope=spec.scope, normalize=st.normalize,
                     removed_before=params_dense - prunable_params(unet),
-                    macs_total=count_macs(unet, context_tokens) if target.kind == "macs" else None)
+                    macs_total=count_macs(unet, cond) if target.kind == "macs" else None)
     structure = remove_units(unet, keep, groups)
-    params, macs_after = prunable_params(unet), count_macs(unet, context_tokens)
+    params, macs_after = prunable_params(unet), count_macs(unet, cond)
     whole = [p for p, e in structure["groups"].items() if e.get("channels", e.get("heads", e.get("inner"))) == 0]
     log(f"unet: {spec.method}: {params_dense} -> {params} prunable parameters "
         f"({1 - params / params_dense:.4f} removed), MACs {macs_dense / 1e6:.1f}M -> {macs_after / 1e6:.1f}M, "

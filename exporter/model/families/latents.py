@@ -1,0 +1,91 @@
+"""Latents and images: the codec a family denoises in (AutoencoderKL, AutoencoderTiny, VQModel, or none in pixel
+space), and its vae_encoder / vae_decoder ONNX components.
+
+Every codec is used as diffusers' own pipelines use it: latents are scaled by the codec's scaling_factor (1.0 for
+TAESD), decoded with decode(latents / scaling_factor) (a VQModel quantizes inside decode, as LDMPipeline relies
+on); encoding takes the posterior mean of an AutoencoderKL and the encoder's latents otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class EncoderModule(torch.nn.Module):
+    """image in [-1, 1] -> scaled latent (what the UNet consumes)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return encode(self.vae, image)
+
+
+class DecoderModule(torch.nn.Module):
+    """scaled latent -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return decode(self.vae, latent)
+
+
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    out = vae.encode(images)
+    dist = getattr(out, "latent_dist", None)
+    return (dist.mean if dist is not None else out.latents) * vae.config.scaling_factor
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
+class Latents:
+    """The codec of one pipeline; vae None = pixel space (DDPM): latents are the images."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @property
+    def scale(self) -> int:
+        """Image pixels per latent pixel."""
+        if self.vae is None:
+            return 1
+        cfg = self.vae.config
+        blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")
+        return 2 ** (len(blocks) - 1)
+
+    @property
+    def image_channels(self) -> int | None:
+        return None if self.vae is None else int(self.vae.config.out_channels)
+
+    @property
+    def has_encoder(self) -> bool:
+        """VQModel pipelines (LDM) are sampled from noise only: their bundle has no vae_encoder, as DESIGN.md's
+        family table lists."""
+        return self.vae is not None and type(self.vae).__name__ != "VQModel"
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents if self.vae is None else decode(self.vae, latents)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.vae is None else encode(self.vae, images)
+
+    def components(self, latent_channels: int) -> tuple:
+        from tinyprune.model.families.base import ComponentIO
+
+        if self.vae is None:
+            return ()
+        scale, image_ch = self.scale, int(self.vae.config.in_channels)
+        decoder = ComponentIO(
+            "vae_decoder", "vae", ("latent",), ("image",), 5e-3, lambda p: DecoderModule(p.vae),
+            lambda b, h: {"latent": (b, latent_channels, h, h)}, {"latent": "latent", "image": "image"}, {})
+        if not self.has_encoder:
+            return (decoder,)
+        encoder = ComponentIO(
+            "vae_encoder", "vae", ("image",), ("latent",), 1e-3, lambda p: EncoderModule(p.vae),
+            lambda b, h: {"image": (b, image_ch, h * scale, h * scale)}, {"image": "image", "latent": "latent"}, {})
+        return encoder, decoder
