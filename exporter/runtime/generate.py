@@ -49,8 +49,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise InputError(f"{path} is missing: this bundle has no runtime files (the runtime's loop is the "
-                         "class-conditioned one so far; a bundle of another family has none, an older one: re-export it)")
+        raise InputError(f"{path} is missing: this bundle has no runtime files (the torch-free runtime generates "
+                         "class-conditioned bundles only so far; a bundle older than the runtime: re-export it)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -61,13 +61,18 @@ class ComponentIO:
     spatial: dict[str, str]  # name -> "latent" | "image"
     int_ranges: dict[str, tuple[int, int]]
     dtypes: dict[str, str] = field(default_factory=dict)
+    # inputs whose dummy values must come from the model (shape, rng) -> array: a VQ decoder's latents are
+    # codebook entries, where a random latent would sit on argmin ties that float reordering flips
+    feeds: dict[str, Callable[[tuple[int, ...], np.random.Generator], np.ndarray]] = field(default_factory=dict)
 
     def dummy_feed(self, batch: int, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         feed = {}
         for name, shape in self.shape(batch, latent).items():
             dtype = np.dtype(self.dtypes.get(name, "float32"))
-            if name in self.int_ranges:
+            if name in self.feeds:
+                feed[name] = self.feeds[name](shape, rng).astype(dtype)
+            elif name in self.int_ranges:
                 feed[name] = rng.integers(*self.int_ranges[name], shape).astype(dtype)
             else:
                 feed[name] = rng.standard_normal(shape).astype(dtype)

@@ -8,6 +8,7 @@ on); encoding takes the posterior mean of an AutoencoderKL and the encoder's lat
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -71,6 +72,13 @@ class Latents:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents if self.vae is None else decode(self.vae, latents)
 
+    def codebook_latents(self, shape: tuple[int, ...], rng) -> np.ndarray:
+        """Scaled latents whose every pixel is a VQ codebook entry (what the UNet is trained to land on)."""
+        codebook = self.vae.quantize.embedding.weight.detach().float().cpu().numpy()
+        b, c, h, w = shape
+        pixels = codebook[rng.integers(0, len(codebook), (b, h, w))]  # [b, h, w, c]
+        return pixels.transpose(0, 3, 1, 2) * float(self.vae.config.scaling_factor)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.vae is None else encode(self.vae, images)
 
@@ -82,7 +90,8 @@ class Latents:
         scale, image_ch = self.scale, int(self.vae.config.in_channels)
         decoder = ComponentIO(
             "vae_decoder", "vae", ("latent",), ("image",), 5e-3, lambda p: DecoderModule(p.vae),
-            lambda b, h: {"latent": (b, latent_channels, h, h)}, {"latent": "latent", "image": "image"}, {})
+            lambda b, h: {"latent": (b, latent_channels, h, h)}, {"latent": "latent", "image": "image"}, {},
+            feeds={"latent": self.codebook_latents} if not self.has_encoder else {})
         if not self.has_encoder:
             return (decoder,)
         encoder = ComponentIO(
