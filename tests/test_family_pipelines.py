@@ -91,6 +91,8 @@ def test_text_conditioning_is_as_diffusers_encodes_it(family_dirs):
     assert torch.allclose(cond["encoder_hidden_states"], embeds, atol=1e-6)
     assert torch.allclose(cond["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-6)
     assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+    at = xl.family.condition(["a cat"], size=8)["added_cond_kwargs"]["time_ids"]  # the size the checks sample at
+    assert at.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]
     null = xl.family.null_condition(1)
     assert torch.equal(null["encoder_hidden_states"], neg) and torch.equal(null["added_cond_kwargs"]["text_embeds"],
                                                                            neg_pooled)

@@ -40,7 +40,7 @@ def sample_latents(pipe: Pipeline, conditions: list, seed: int = 0, steps: int =
     latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size))
     latents = latents * scheduler.init_noise_sigma
     family = pipe.family
-    cond, uncond = family.condition(conditions), family.null_condition(b)
+    cond, uncond = family.condition(conditions, size), family.null_condition(b, size)
     for t in scheduler.timesteps:
         eps = guided_eps(pipe.unet, scheduler.scale_model_input(latents, t), t, cond, uncond, guidance)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample

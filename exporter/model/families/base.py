@@ -164,11 +164,12 @@ class Family:
         """The condition of a calibration image: its class sub-folder's name and its caption (None: absent)."""
         raise NotImplementedError
 
-    def condition(self, conditions: list) -> Cond:
-        """The UNet's conditioning keyword arguments for a list of conditions: unet(x_t, t, **cond)."""
+    def condition(self, conditions: list, size: int | None = None) -> Cond:
+        """The UNet's conditioning keyword arguments for a list of conditions: unet(x_t, t, **cond). size: the
+        latent size sampled at (None: the UNet's native one), for families conditioned on it (SDXL's time_ids)."""
         raise NotImplementedError
 
-    def null_condition(self, batch: int) -> Cond | None:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond | None:
         """The unconditional conditioning classifier-free guidance pairs with every conditional one; None where
         the family samples without guidance."""
         raise NotImplementedError

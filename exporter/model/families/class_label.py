@@ -71,10 +71,10 @@ class ClassLabelFamily(Family):
         """A sub-folder named by a class index labels its images; any other image is unconditional."""
         return int(class_dir) if class_dir is not None and class_dir.isdigit() else self.embedder.null_class
 
-    def condition(self, conditions: list[int]) -> Cond:
+    def condition(self, conditions: list[int], size: int | None = None) -> Cond:
         return {"encoder_hidden_states": self.embedder(torch.as_tensor(conditions, dtype=torch.long))}
 
-    def null_condition(self, batch: int) -> Cond:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond:
         return {"encoder_hidden_states": self.embedder(torch.full((batch,), self.embedder.null_class,
                                                                   dtype=torch.long))}
 

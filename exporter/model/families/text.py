@@ -106,11 +106,11 @@ class StableDiffusionFamily(Family):
     def context_tokens(self) -> int:
         return int(self.pipe.parts[self.ENCODERS[0][1]].model_max_length)
 
-    def condition(self, conditions: list[str]) -> Cond:
+    def condition(self, conditions: list[str], size: int | None = None) -> Cond:
         enc, tok = self.ENCODERS[0]
         return {"encoder_hidden_states": self.pipe.parts[enc](self.tokens(tok, conditions))[0]}
 
-    def null_condition(self, batch: int) -> Cond | None:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond | None:
         return self.condition([""] * batch)
 
     # ---- components
@@ -165,13 +165,13 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     def guided(self) -> bool:
         return False
 
-    def condition(self, conditions: list[str]) -> Cond:
+    def condition(self, conditions: list[str], size: int | None = None) -> Cond:
         cond = super().condition(conditions)
         w = torch.full((len(conditions),), LCM_GUIDANCE - 1)
         cond["timestep_cond"] = guidance_embedding(w, int(self.pipe.unet.config.time_cond_proj_dim))
         return cond
 
-    def null_condition(self, batch: int) -> Cond | None:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond | None:
         return None
 
     def unet_inputs(self) -> dict[str, tuple[int, ...]]:
@@ -205,27 +205,28 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                                                                                      "pooler_output")
         return first + hidden
 
-    def time_ids(self, batch: int) -> torch.Tensor:
-        """(original size, crop top-left, target size) of the native image size: no crop, no resize."""
-        size = self.pipe.latent_size * self.pipe.vae_scale
+    def time_ids(self, batch: int, size: int | None = None) -> torch.Tensor:
+        """(original size, crop top-left, target size) of the image size sampled at (latent `size`, default the
+        native one; the image checks sample at the profile's resolution): no crop, no resize."""
+        size = (size or self.pipe.latent_size) * self.pipe.vae_scale
         return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(batch, 1)
 
-    def condition(self, conditions: list[str]) -> Cond:
+    def condition(self, conditions: list[str], size: int | None = None) -> Cond:
         hidden, pooled = [], None
         for enc, tok in self.ENCODERS:
             out = self.pipe.parts[enc](self.tokens(tok, conditions), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the projected pooled output of the last encoder (CLIPTextModelWithProjection)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(len(conditions))}}
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(len(conditions), size)}}
 
-    def null_condition(self, batch: int) -> Cond | None:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond | None:
         if not self.pipe.index.get("force_zeros_for_empty_prompt", True):
-            return self.condition([""] * batch)
-        cond = self.condition([""])
+            return self.condition([""] * batch, size)
+        cond = self.condition([""], size)
         return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]).repeat(batch, 1, 1),
                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"])
-                                      .repeat(batch, 1), "time_ids": self.time_ids(batch)}}
+                                      .repeat(batch, 1), "time_ids": self.time_ids(batch, size)}}
 
     def unet_inputs(self) -> dict[str, tuple[int, ...]]:
         pooled = int(self.pipe.parts["text_encoder_2"].config.projection_dim)

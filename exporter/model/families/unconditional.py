@@ -26,10 +26,10 @@ class UnconditionalFamily(Family):
     def image_condition(self, class_dir: str | None, caption: str | None) -> None:
         return None
 
-    def condition(self, conditions: list) -> Cond:
+    def condition(self, conditions: list, size: int | None = None) -> Cond:
         return {}
 
-    def null_condition(self, batch: int) -> Cond | None:
+    def null_condition(self, batch: int, size: int | None = None) -> Cond | None:
         return None
 
     @property
