@@ -40,7 +40,7 @@ def test_stats_and_feeds(bundle):
     unet = component_feed(manifest, "unet")
     assert {k: v.shape for k, v in unet.items()} == {"sample": (2, 4, 8, 8), "timestep": (2,),
                                                       "encoder_hidden_states": (2, 1, 32)}
-    assert component_feed(manifest, "vae_decoder")["latent"].shape == (1, 4, 8, 8)
+    assert component_feed(manifest, "vae_decoder")["latent_sample"].shape == (1, 4, 8, 8)
     assert "ort-cpu" in available_backends()
     with PeakMemory() as pm:
         blob = bytearray(64 * 2**20)

@@ -43,8 +43,8 @@ def test_specs_follow_the_config_and_name_latent_and_image_axes_apart():
     assert unet.shape(2, 8)["encoder_hidden_states"] == (2, 1, 48)  # from the conditioner's config, not a constant
     spec = ExportSpec(opset=17, batch=Range(1, 2, 4), latent=Range(8, 8, 16))
     axes = component_spec(pipe, "vae_decoder").dynamic_axes(spec)
-    assert axes == {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
-                    "image": {0: "batch", 2: "height", 3: "width"}}
+    assert axes == {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
+                    "sample": {0: "batch", 2: "height", 3: "width"}}
     assert component_spec(pipe, "unet").dynamic_axes(spec)["encoder_hidden_states"] == {0: "batch"}
     with pytest.raises(InputError, match="no text_encoder component"):
         component_spec(pipe, "text_encoder")

@@ -119,7 +119,7 @@ def test_bundle_carries_runtime_files(bundle):
     rt = out / "runtime"
     shapes = json.loads((rt / "shapes.json").read_text())
     assert shapes == {"latent_channels": 4, "latent_size": 8, "vae_scale": 4, "image_size": 32, "image_channels": 3,
-                      "num_classes": 10}
+                      "scaling_factor": 0.18215, "num_classes": 10}
     cond = np.load(rt / "conditioning.npz")
     assert cond["table"].shape == (11, 32) and int(cond["null_class"]) == 10
     assert (int(cond["seq_len"]), int(cond["embed_dim"])) == (1, 32)

@@ -85,6 +85,16 @@ def component_spec(pipe: Pipeline, name: str) -> ComponentSpec:
     return specs[name]
 
 
+def component_config(pipe: Pipeline, source: str) -> dict:
+    """config.json of an ONNX component's dir: the config of the model that holds its weights (what optimum's ORT
+    pipelines read beside model.onnx), as diffusers or transformers serialise it."""
+    import json
+
+    model = pipe.models()[source]
+    config = getattr(model, "to_json_string", None) or model.config.to_json_string  # diffusers | transformers
+    return json.loads(config())
+
+
 def export_spec(pipe: Pipeline, profile: DeviceProfile, max_opset: int) -> ExportSpec:
     from tinyprune.config import Range
 

@@ -4,7 +4,8 @@ What it needs from the bundle: unet/model.onnx, vae_decoder/model.onnx (or build
 TensorRT) and runtime/ (scheduler_config.json, conditioning.npz, shapes.json; see ship/runtime_files.py). It
 reproduces tinyprune.model.sampling.sample: the same initial noise from numpy's generator, class conditioning
 with a null class for classifier-free guidance (UNet batch [uncond, cond]), DDIM with eta 0 or Euler
-steps, VAE decode, images in [0, 1].
+steps, VAE decode (latents / scaling_factor into vae_decoder's latent_sample, as diffusers' ONNX pipelines feed
+it), images in [0, 1].
 
 Imports numpy and onnxruntime only (pillow to write PNGs, tensorrt lazily for --backend trt); never
 torch or diffusers, so it runs on a device that has neither:
@@ -182,9 +183,12 @@ class Runtime:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents -> images in [0, 1], [B, 3, H, W] float32."""
+        if "scaling_factor" not in self.shapes:
+            raise InputError(f"{self.bundle} was made by a tinyprune whose vae_decoder took scaled latents: re-export it")
         chunk = min(self.max_batch or len(latents), len(latents))
         vae = self.runners["vae_decoder"]
-        images = [vae({"latent": np.ascontiguousarray(latents[lo:lo + chunk], dtype=np.float32)})["image"]
+        unscaled = latents / np.float32(self.shapes["scaling_factor"])
+        images = [vae({"latent_sample": np.ascontiguousarray(unscaled[lo:lo + chunk], dtype=np.float32)})["sample"]
                   for lo in range(0, len(latents), chunk)]
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1)
 

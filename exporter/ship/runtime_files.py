@@ -53,7 +53,8 @@ python -m tinyprune.runtime {bundle} --class 3 --steps 20 --seed 0 --out imgs
 
 What the loop does: initial noise `numpy.random.default_rng(seed).standard_normal((B, {channels}, {latent}, {latent}))`,
 class conditioning from `conditioning.npz` (row {null} is the null class for classifier-free guidance; the UNet
-runs on the batch [uncond, cond]), {steps_note}, then `vae_decoder/model.onnx` and `image / 2 + 0.5`.
+runs on the batch [uncond, cond]), {steps_note}, then `vae_decoder/model.onnx` on `latents / {scaling}` and
+`image / 2 + 0.5`.
 Files: `runtime/scheduler_config.json`, `runtime/conditioning.npz`, `runtime/shapes.json`; code in
 `runtime/tinyprune/runtime/` (tinyprune {version}).
 """
@@ -78,6 +79,7 @@ def runtime_shapes(pipe) -> dict:
         "vae_scale": int(pipe.vae_scale),
         "image_size": int(pipe.latent_size * pipe.vae_scale),
         "image_channels": int(pipe.vae.config.out_channels),
+        "scaling_factor": float(pipe.vae.config.scaling_factor),
         **pipe.family.runtime_conditioning()[1],
     }
 
@@ -99,7 +101,8 @@ def write_runtime_dir(pipe, root: Path) -> Path:
         f" from `scheduler_config.json` ({sched.get('beta_schedule')}, timestep_spacing {sched.get('timestep_spacing')})"
     (rt / "README.md").write_text(README.format(
         bundle="BUNDLE", size=shapes["image_size"], default_scheduler=default, channels=shapes["latent_channels"],
-        latent=shapes["latent_size"], null=shapes["num_classes"], steps_note=steps_note, version=__version__))
+        latent=shapes["latent_size"], null=shapes["num_classes"], steps_note=steps_note, version=__version__,
+        scaling=shapes["scaling_factor"]))
     code = rt / "tinyprune"
     code.mkdir(exist_ok=True)
     (code / "__init__.py").write_text(f'"""tinyprune\'s torch-free runtime, copied into the bundle."""\n\n'

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 from tinyprune import __version__
 from tinyprune.ship.bundle import TIMINGS, check_out_dir, staged, write_json, write_manifest
-from tinyprune.export.specs import component_specs, export_spec
+from tinyprune.export.specs import component_config, component_specs, export_spec
 from tinyprune.config import DeviceProfile, L1GradSpec, PruneSpec, load_profile
 from tinyprune.errors import GateFailed, InputError
 from tinyprune.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss
@@ -203,6 +203,7 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
                                            dict(meta, pattern=pattern,
                                                 params_dense=pruned_comp.dense_params() if pruned_comp else None))
+            write_json(tmp / comp.name / "config.json", component_config(pruned, comp.source))
             tensors = json.loads(stamped["tinyprune.tensors"])
             components[comp.name] = {
                 "file": f"{comp.name}/model.onnx",
@@ -211,6 +212,9 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 "inputs": comp.trt_shapes(xspec),
                 "outputs": list(comp.outputs),
             }
+        index = pruned.family.onnx_index()
+        if index is not None:  # what diffusers' and optimum's ONNX pipelines load the bundle by
+            write_json(tmp / "model_index.json", index)
         if pruned.family.RUNTIME:
             with stage("runtime files"):  # runtime/ for the torch-free loop
                 write_runtime_dir(pruned, tmp)

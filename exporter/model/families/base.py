@@ -200,6 +200,11 @@ class Family:
         """vae_encoder and vae_decoder, as the family's latent codec has them (none in pixel space)."""
         return self.latents.components(self.pipe.latent_channels)
 
+    def onnx_index(self) -> dict | None:
+        """The bundle's model_index.json, as the ecosystem's ONNX pipeline of the family loads it (None where there
+        is none yet)."""
+        return None
+
     def runtime_conditioning(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays the torch-free runtime conditions with, and the entries it adds to runtime/shapes.json (where
         RUNTIME: the others' bundles are checked component by component)."""

@@ -4,6 +4,9 @@ space), and its vae_encoder / vae_decoder ONNX components.
 Every codec is used as diffusers' own pipelines use it: latents are scaled by the codec's scaling_factor (1.0 for
 TAESD), decoded with decode(latents / scaling_factor) (a VQModel quantizes inside decode, as LDMPipeline relies
 on); encoding takes the posterior mean of an AutoencoderKL and the encoder's latents otherwise.
+
+The ONNX components are optimum's and diffusers' ONNX pipelines': unscaled latents, the caller scales
+(vae_encoder `sample` -> `latent_sample`, vae_decoder `latent_sample` -> `sample`, images in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -13,25 +16,25 @@ import torch
 
 
 class EncoderModule(torch.nn.Module):
-    """image in [-1, 1] -> scaled latent (what the UNet consumes)."""
+    """image in [-1, 1] -> unscaled latent (the posterior mean; the caller multiplies by scaling_factor)."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
-    def forward(self, image):
-        return encode(self.vae, image)
+    def forward(self, sample):
+        return encode(self.vae, sample) / self.vae.config.scaling_factor
 
 
 class DecoderModule(torch.nn.Module):
-    """scaled latent -> image in [-1, 1]."""
+    """unscaled latent (the caller divides by scaling_factor) -> image in [-1, 1]."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
-    def forward(self, latent):
-        return decode(self.vae, latent)
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample).sample
 
 
 def encode(vae, images: torch.Tensor) -> torch.Tensor:
@@ -73,11 +76,11 @@ class Latents:
         return latents if self.vae is None else decode(self.vae, latents)
 
     def codebook_latents(self, shape: tuple[int, ...], rng) -> np.ndarray:
-        """Scaled latents whose every pixel is a VQ codebook entry (what the UNet is trained to land on)."""
+        """Unscaled latents whose every pixel is a VQ codebook entry (what the UNet is trained to land on)."""
         codebook = self.vae.quantize.embedding.weight.detach().float().cpu().numpy()
         b, c, h, w = shape
         pixels = codebook[rng.integers(0, len(codebook), (b, h, w))]  # [b, h, w, c]
-        return pixels.transpose(0, 3, 1, 2) * float(self.vae.config.scaling_factor)
+        return pixels.transpose(0, 3, 1, 2)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.vae is None else encode(self.vae, images)
@@ -89,12 +92,13 @@ class Latents:
             return ()
         scale, image_ch = self.scale, int(self.vae.config.in_channels)
         decoder = ComponentIO(
-            "vae_decoder", "vae", ("latent",), ("image",), 5e-3, lambda p: DecoderModule(p.vae),
-            lambda b, h: {"latent": (b, latent_channels, h, h)}, {"latent": "latent", "image": "image"}, {},
-            feeds={"latent": self.codebook_latents} if not self.has_encoder else {})
+            "vae_decoder", "vae", ("latent_sample",), ("sample",), 5e-3, lambda p: DecoderModule(p.vae),
+            lambda b, h: {"latent_sample": (b, latent_channels, h, h)}, {"latent_sample": "latent", "sample": "image"},
+            {}, feeds={"latent_sample": self.codebook_latents} if not self.has_encoder else {})
         if not self.has_encoder:
             return (decoder,)
         encoder = ComponentIO(
-            "vae_encoder", "vae", ("image",), ("latent",), 1e-3, lambda p: EncoderModule(p.vae),
-            lambda b, h: {"image": (b, image_ch, h * scale, h * scale)}, {"image": "image", "latent": "latent"}, {})
+            "vae_encoder", "vae", ("sample",), ("latent_sample",), 1e-3, lambda p: EncoderModule(p.vae),
+            lambda b, h: {"sample": (b, image_ch, h * scale, h * scale)}, {"sample": "image", "latent_sample": "latent"},
+            {})
         return encoder, decoder

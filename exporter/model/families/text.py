@@ -137,6 +137,19 @@ class StableDiffusionFamily(Family):
 
     ADDED: tuple[str, ...] = ()
 
+    def onnx_index(self) -> dict | None:
+        """diffusers' OnnxStableDiffusionPipeline (which optimum's ORTStableDiffusionPipeline loads too): every ONNX
+        component an OnnxRuntimeModel, tokenizer and scheduler as the source has them, no safety checker."""
+        if type(self) is not StableDiffusionFamily:
+            return None
+        from diffusers import __version__
+
+        index = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": __version__,
+                 **{c.name: ["diffusers", "OnnxRuntimeModel"] for c in self.components()},
+                 "tokenizer": self.pipe.index["tokenizer"], "scheduler": self.pipe.index["scheduler"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        return index
+
     def components(self) -> tuple[ComponentIO, ...]:
         pipe = self.pipe
         latent_ch, n_train = pipe.latent_channels, int(pipe.scheduler.config.num_train_timesteps)
