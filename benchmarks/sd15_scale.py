@@ -82,7 +82,7 @@ def cmd_make(pipe_dir: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from tinyprune.model.families.class_label import ClassEmbedder
+    from tinyprune.model.families.class_label import ClassEmbedder, ClassLabelFamily
     from tinyprune.model.pipeline import INDEX, Pipeline, save_pipeline
 
     st = _Stages()
@@ -93,7 +93,7 @@ def cmd_make(pipe_dir: str) -> dict:
         cond = ClassEmbedder(num_classes=10, embed_dim=768, seq_len=77)
         sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipe = Pipeline(unet, vae, sched, {"class_embedder": cond}, dict(INDEX)).eval()
+        pipe = Pipeline(unet, vae, sched, {ClassLabelFamily.CONDITIONER: cond}, dict(INDEX)).eval()
     with st("save_pipeline"):
         save_pipeline(pipe, Path(pipe_dir))
     n_unet = sum(p.numel() for p in unet.parameters())

@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"vae: saved {out / 'vae'}")
 
     if "unet" in stages:
+        from tinyprune.model.families.class_label import ClassLabelFamily
         from tinyprune.model.pipeline import INDEX, Pipeline, save_pipeline
 
         if vae is None:
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         unet, embedder, scheduler, m = train_unet(vae, x_train, y_train, recipe["unet"], args.seed, device, log,
                                                   Budget(args.minutes, STAGE_SHARE["unet"], log, "unet"))
         metrics["unet"] = m
-        save_pipeline(Pipeline(unet, vae.eval().requires_grad_(False), scheduler, {"class_embedder": embedder},
-                               dict(INDEX)), out)
+        parts = {ClassLabelFamily.CONDITIONER: embedder}
+        save_pipeline(Pipeline(unet, vae.eval().requires_grad_(False), scheduler, parts, dict(INDEX)), out)
         log(f"pipeline: saved {out}")
 
     if "report" in stages:

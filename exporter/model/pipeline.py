@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Pipeline:
 
         return DDPMScheduler.from_config(self.scheduler.config)
 
-    @property
+    @cached_property
     def family(self) -> Family:
         """The adapter through which every stage outside model/ conditions, encodes, decodes and exports."""
         return family_for(self.index, str(self.root or "pipeline"))(self)

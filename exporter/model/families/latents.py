@@ -23,7 +23,7 @@ class EncoderModule(torch.nn.Module):
         self.vae = vae
 
     def forward(self, sample):
-        return encode(self.vae, sample) / self.vae.config.scaling_factor
+        return encode_unscaled(self.vae, sample)
 
 
 class DecoderModule(torch.nn.Module):
@@ -37,10 +37,14 @@ class DecoderModule(torch.nn.Module):
         return self.vae.decode(latent_sample).sample
 
 
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
+def encode_unscaled(vae, images: torch.Tensor) -> torch.Tensor:
     out = vae.encode(images)
     dist = getattr(out, "latent_dist", None)
-    return (dist.mean if dist is not None else out.latents) * vae.config.scaling_factor
+    return dist.mean if dist is not None else out.latents
+
+
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    return encode_unscaled(vae, images) * vae.config.scaling_factor
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ class StableDiffusionFamily(Family):
     PARTS = {"text_encoder": "transformers.CLIPTextModel", "tokenizer": "transformers.CLIPTokenizer"}
     PRUNABLE_PARTS = ("text_encoder",)
     ENCODERS = (("text_encoder", "tokenizer"),)
+    ONNX_PIPELINE: str | None = "OnnxStableDiffusionPipeline"  # the ecosystem's ONNX pipeline for the bundle
 
     @classmethod
     def context_width(cls, configs: dict[str, dict]) -> int:
@@ -140,11 +141,11 @@ class StableDiffusionFamily(Family):
     def onnx_index(self) -> dict | None:
         """diffusers' OnnxStableDiffusionPipeline (which optimum's ORTStableDiffusionPipeline loads too): every ONNX
         component an OnnxRuntimeModel, tokenizer and scheduler as the source has them, no safety checker."""
-        if type(self) is not StableDiffusionFamily:
+        if self.ONNX_PIPELINE is None:
             return None
         from diffusers import __version__
 
-        index = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": __version__,
+        index = {"_class_name": self.ONNX_PIPELINE, "_diffusers_version": __version__,
                  **{c.name: ["diffusers", "OnnxRuntimeModel"] for c in self.components()},
                  "tokenizer": self.pipe.index["tokenizer"], "scheduler": self.pipe.index["scheduler"],
                  "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
@@ -166,6 +167,7 @@ class StableDiffusionFamily(Family):
 class LatentConsistencyFamily(StableDiffusionFamily):
     name = "latent-consistency"
     PIPELINES = ("LatentConsistencyModelPipeline",)
+    ONNX_PIPELINE = None  # optimum's ORTLatentConsistencyModelPipeline layout: not written yet
 
     @classmethod
     def check_configs(cls, configs: dict[str, dict], where: str) -> None:
@@ -199,6 +201,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     PRUNABLE_PARTS = ("text_encoder", "text_encoder_2")
     ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     ADDED = ("text_embeds", "time_ids")
+    ONNX_PIPELINE = None  # optimum's ORTStableDiffusionXLPipeline layout: not written yet
 
     @classmethod
     def check_configs(cls, configs: dict[str, dict], where: str) -> None:
