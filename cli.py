@@ -463,18 +463,28 @@ def validate(
 
 
 @app.command()
-def verify(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = JsonOpt):
-    """Check every checksum in the manifest and every sparsity claim in the ONNX metadata (exit 1 if off)."""
+def verify(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", rich_help_panel=INPUT,
+                                         help="device profile whose TensorRT parser must take every ONNX file "
+                                              "(opset and ops; default: the bundle's profile)"),
+    as_json: bool = JsonOpt,
+):
+    """Check every checksum in the manifest, every sparsity claim in the ONNX metadata, and that the target's
+    TensorRT parser takes every ONNX file (exit 1 if off)."""
     from tinyprune.ship.bundle import verify as do_verify
 
     def show(r):
         if r["ok"]:
-            out.print(f"{r['bundle']}: {r['files']} files match the manifest; all metadata claims hold")
+            parser = (f"; every ONNX file's opset and ops are ones TensorRT {r['trt_version']} ({r['target']}) "
+                      "parses" if r["trt_version"] else f"; every ONNX file within {r['target']}'s max opset"
+                      if r["target"] else "")
+            out.print(f"{r['bundle']}: {r['files']} files match the manifest; all metadata claims hold{parser}")
         else:
             for p in r["problems"]:
                 err.print(f"  {p}", markup=False)
 
-    run(do_verify, bundle, as_json=as_json, show=show)
+    run(do_verify, bundle, target, as_json=as_json, show=show)
 
 
 @app.command()
@@ -562,14 +572,20 @@ def build(
 @app.command()
 def generate(
     bundle: Path = typer.Argument(..., help="bundle directory"),
-    labels: list[int] = typer.Option(..., "--class", "-c", help="class label; repeat for several images",
-                                     rich_help_panel=INPUT),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt (text bundles); repeat for several",
+                                                rich_help_panel=INPUT),
+    labels: Optional[list[int]] = typer.Option(None, "--class", "-c", help="class label (the class-conditioned demo); "
+                                               "repeat for several", rich_help_panel=INPUT),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="images per prompt or class (unconditional: in all)",
+                                   rich_help_panel=INPUT),
     steps: int = typer.Option(20, "--steps", help="denoising steps", rich_help_panel=METHOD),
     seed: int = typer.Option(0, "--seed", help="initial-noise seed (numpy); same seed, same image",
                              rich_help_panel=METHOD),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler (default: the bundle's scheduler config)",
-                                            rich_help_panel=METHOD),
-    guidance: float = typer.Option(3.0, "--guidance", help="classifier-free guidance scale", rich_help_panel=METHOD),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler | euler-a | pndm | dpm++ | lcm | "
+                                            "ddpm (default: the bundle's scheduler config)", rich_help_panel=METHOD),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale, an LCM's "
+                                             "embedded one (default: the family's: 7.5 SD, 5 SDXL, 8.5 LCM, 3 demo)",
+                                             rich_help_panel=METHOD),
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt", rich_help_panel=INPUT),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)",
                                 rich_help_panel=INPUT),
@@ -579,6 +595,10 @@ def generate(
     """Torch-free generation from the bundle (numpy scheduler + onnxruntime/TensorRT) -> PNGs."""
     from tinyprune.runtime.generate import generate_to_dir
 
+    def go(progress):
+        return generate_to_dir(bundle, out_dir, labels, prompts, num_images, steps, seed, scheduler, guidance, backend,
+                               threads, progress)
+
     def run_with_progress():
         if err.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -586,10 +606,8 @@ def generate(
             with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           console=err, transient=True) as bar:
                 task = bar.add_task("steps", total=None)
-                return generate_to_dir(bundle, labels, out_dir, steps, seed, scheduler, guidance, backend, threads,
-                                       lambda done, total: bar.update(task, completed=done, total=total))
-        return generate_to_dir(bundle, labels, out_dir, steps, seed, scheduler, guidance, backend, threads,
-                               lambda done, total: log(f"step {done}/{total}"))
+                return go(lambda done, total: bar.update(task, completed=done, total=total))
+        return go(lambda done, total: log(f"step {done}/{total}"))
 
     run(run_with_progress, as_json=as_json,
         show=lambda r: out.print(f"{len(r['files'])} image(s) {r['image_size'][0]}x{r['image_size'][1]} in "
@@ -652,6 +670,21 @@ def bench(
     run(do_bench, bundle, backend.value, warmup, iters, gen_iters, steps, threads, compare, dense,
         str(model) if model else None, target, not no_generation, not no_memory, log=log, as_json=as_json,
         show=show_bench)
+
+
+@app.command("bench-merge")
+def bench_merge(
+    files: list[Path] = typer.Argument(..., help="bench JSONs written by `python -m tinyprune.runtime bench BUNDLE "
+                                                 "--out F` on each board"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write boards.md, boards.json, boards.png here",
+                                           rich_help_panel=OUTPUT),
+    as_json: bool = JsonOpt,
+):
+    """Several boards' runtime bench results in one table (and a plot with --out)."""
+    from tinyprune.bench.boards import markdown, merge_files
+
+    run(merge_files, files, out_dir, as_json=as_json,
+        show=lambda t: out.print(markdown(t), markup=False, highlight=False, soft_wrap=True))
 
 
 def _terminated(signum, frame):

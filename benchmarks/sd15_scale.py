@@ -39,7 +39,7 @@ PROFILE = HERE / "sd15_profile.toml"
 GOAL = 1.5  # peak RSS at most 1.5x the fp32 UNet weights
 
 sys.path.insert(0, str(ROOT))  # also in the optimum venv, which has no tinyprune installed
-from tinyprune.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
+from tinyprune.runtime.measure import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
 
 UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values typed out here
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

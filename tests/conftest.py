@@ -54,3 +54,12 @@ def bundle(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "b"
     result = export(str(tiny_dir), 0.43, "jetson", out=out)
     return out, result.to_dict()  # as --json prints it
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Every family's tiny pipeline (tests/pipelines.py), saved by diffusers' own save_pretrained."""
+    from pipelines import FAMILIES, save
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: save(name, root / name) for name in FAMILIES}

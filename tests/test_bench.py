@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from tinyprune.cli import app
 from tinyprune.bench.latency import PeakMemory, available_backends, component_feed, stats_ms
-from tinyprune.bench.memory import reset_peak_rss
+from tinyprune.runtime.measure import reset_peak_rss
 
 runner = CliRunner()
 FAST = ["--warmup", "1", "--iters", "2", "--gen-iters", "1", "--steps", "2", "--no-memory"]

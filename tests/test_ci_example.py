@@ -3,6 +3,7 @@ script with the workflow's own environment, on the tiny pipeline, and checks wha
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,28 @@ def test_script_bad_target_exits_2(tiny_dir, tmp_path):
     assert _export_step(wf)["env"]["TARGETS"]  # the workflow names its targets explicitly
     assert r.returncode == 2 and "tinyprune-ci: jetsn: exit 2" in r.stdout
     assert "error: unknown target 'jetsn'; known targets:" in r.stderr
+
+
+def test_workflow_runs_a_bundle_in_diffusers_onnx_pipeline(family_dirs, tmp_path):
+    """The workflow's step after export: examples/ci/onnx_pipeline.py on the first target's bundle; a Stable
+    Diffusion pipeline's bundle makes an image in OnnxStableDiffusionPipeline, the demo's is skipped."""
+    wf = _workflow()
+    steps = wf["jobs"]["bundles"]["steps"]
+    (step,) = [s for s in steps if "onnx_pipeline.py" in s.get("run", "")]
+    assert steps.index(_export_step(wf)) < steps.index(step)
+    out = tmp_path / "bundles"
+    r = _run_script(wf, family_dirs["sd"], out, "--image-checks 1 --image-steps 2", TARGETS="jetson x86-cpu")
+    assert r.returncode == 0, r.stderr
+    bundles = _export_step(wf)["env"]["OUT"]
+    python, script, *argv = shlex.split(step["run"])  # the step as the workflow has it, bundles/ -> out
+    argv = [str(out / a[len(bundles) + 1:]) if a.startswith(bundles + "/") else a for a in argv]
+    assert script == "examples/ci/onnx_pipeline.py" and argv[0] == str(out / "jetson")
+    r = subprocess.run([sys.executable, script, *argv, "--steps", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "OnnxStableDiffusionPipeline ran" in r.stdout and (out / "jetson-onnx.png").stat().st_size > 100
+
+
+def test_onnx_pipeline_step_skips_a_bundle_diffusers_cannot_run(bundle):
+    out, _ = bundle
+    r = subprocess.run([sys.executable, str(CI / "onnx_pipeline.py"), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "skipped" in r.stdout

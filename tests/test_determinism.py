@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyprune.bench.memory import reset_peak_rss
+from tinyprune.runtime.measure import reset_peak_rss
 from tinyprune.ship.bundle import MANIFEST, TIMINGS, file_table
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 
 from tinyprune.config import DeviceProfile, load_profile, parse_profile, profile_names
 from tinyprune.errors import InputError
+from tinyprune.export.trt_parser import parser_row
 
 # name -> (compute_capability, sparse_tensor_cores, jetpack, trt_version, max_opset, dla_cores, precisions)
 # Each value is documented, with its source, in the comments of profiles/<name>.toml.
@@ -74,6 +75,7 @@ def test_max_opset_within_what_the_targets_tensorrt_parses():
             continue
         major_minor = ".".join(p.trt_version.split(".")[:2])
         assert p.max_opset <= TRT_MAX_OPSET[major_minor], p.name
+        assert parser_row(p.trt_version).max_opset == TRT_MAX_OPSET[major_minor], p.name  # export/trt_parser.py agrees
     nano = load_profile("jetson-nano")
     assert nano.trt_version.startswith("8.2.") and nano.max_opset == 13  # "TensorRT 8.2 ... up to Opset 13"
     for name in ("jetson-xavier-nx", "jetson-agx-xavier"):

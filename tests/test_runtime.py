@@ -4,16 +4,15 @@ subprocess where torch and diffusers cannot be imported at all."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from blocking import DEVICE_LACKS, blocked_imports
 from tinyprune.cli import app
 from tinyprune.judge.drift import psnr
 from tinyprune.runtime.schedulers import DDIM, Euler, make_scheduler, torch_linspace
@@ -103,8 +102,8 @@ def test_unsupported_scheduler_options_refused():
         DDIM({"thresholding": True})
     with pytest.raises(InputError, match="beta_schedule"):
         DDIM({"beta_schedule": "sigmoid"})
-    with pytest.raises(InputError, match="unknown scheduler 'pndm'"):
-        make_scheduler({}, "pndm")
+    with pytest.raises(InputError, match="unknown scheduler 'heun'"):
+        make_scheduler({}, "heun")
 
 
 def test_initial_noise_is_the_pipelines():
@@ -119,7 +118,8 @@ def test_bundle_carries_runtime_files(bundle):
     rt = out / "runtime"
     shapes = json.loads((rt / "shapes.json").read_text())
     assert shapes == {"latent_channels": 4, "latent_size": 8, "vae_scale": 4, "image_size": 32, "image_channels": 3,
-                      "scaling_factor": 0.18215, "num_classes": 10}
+                      "scaling_factor": 0.18215, "family": "class-conditioned", "decoder": "vae_decoder",
+                      "conditioning": {"kind": "class", "num_classes": 10, "guidance": 3.0}}
     cond = np.load(rt / "conditioning.npz")
     assert cond["table"].shape == (11, 32) and int(cond["null_class"]) == 10
     assert (int(cond["seq_len"]), int(cond["embed_dim"])) == (1, 32)
@@ -159,35 +159,10 @@ def test_runtime_package_is_import_closed():
                         f"{path.name} imports {alias.name}"
 
 
-BLOCKER = textwrap.dedent('''
-    import os, sys
-
-    class _NoTorch:
-        """Every import of these packages fails, and is logged, as on a device that lacks them."""
-        BLOCKED = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "typer", "rich")
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.BLOCKED:
-                with open(os.environ["BLOCK_LOG"], "a") as f:
-                    f.write(name + "\\n")
-                raise ImportError(f"{name} is not installed on this device")
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-''')
-
-
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("notorch")
-    (d / "sitecustomize.py").write_text(BLOCKER)
-    log = d / "blocked.log"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(d), BLOCK_LOG=str(log), OMP_NUM_THREADS="2")
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode == 1 and "torch is not installed on this device" in probe.stderr
-    log.unlink()
-    return env, log
+    """The device: neither torch nor diffusers, transformers, onnx, typer or rich importable."""
+    return blocked_imports(tmp_path_factory.mktemp("notorch"), DEVICE_LACKS + ("typer", "rich"))
 
 
 LABELS = [0, 1, 2, 3]
@@ -285,8 +260,10 @@ def test_generate_errors(bundle, tmp_path):
     out, _ = bundle
     r = _generate(out, tmp_path / "x", "--class", 10)
     assert r.exit_code == 2 and "class 10 is out of range: this model has classes 0..9" in r.stderr
-    r = _generate(out, tmp_path / "x", "--scheduler", "pndm")
-    assert r.exit_code == 2 and "unknown scheduler 'pndm'" in r.stderr
+    r = _generate(out, tmp_path / "x", "--scheduler", "heun")
+    assert r.exit_code == 2 and "unknown scheduler 'heun'" in r.stderr
+    r = _generate(out, tmp_path / "x", "--prompt", "a red bicycle")
+    assert r.exit_code == 2 and "takes --class N, not --prompt" in r.stderr
     r = _generate(tmp_path / "nope", tmp_path / "x")
     assert r.exit_code == 2 and "does not exist" in r.stderr
     import importlib.util

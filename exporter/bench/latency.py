@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from tinyprune.errors import BackendMissing, GateFailed, InputError
-from tinyprune.bench.memory import reset_peak_rss, status_kb
+from tinyprune.runtime.measure import (component_feed as _feed, cores, cpu_name, interleaved, reset_peak_rss,
+                                      stats_ms, status_kb)
 
 BENCH_BACKENDS = ("ort-cpu", "ort-cuda", "trt", "torch", "torch-cuda")
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "trt")
@@ -146,20 +147,7 @@ def _components(manifest: dict) -> list[str]:
 
 
 def component_feed(manifest: dict, component: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs at the shape one generation uses: the manifest's opt shape, batch 1 for the VAE parts."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for name, shapes in manifest["components"][component]["inputs"].items():
-        shape = list(shapes["opt"])
-        if component != "unet":
-            shape[0] = max(1, shapes["min"][0])
-        if name == "timestep":
-            feed[name] = np.full(shape, 500.0, dtype=np.float32)
-        elif name == "input_ids":  # token ids, int32 as diffusers' ONNX pipelines feed them; 256: in every vocab
-            feed[name] = rng.integers(0, 256, shape).astype(np.int32)
-        else:
-            feed[name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
+    return _feed(manifest["components"], component, seed)
 
 
 def _export_dense(model_dir: Path, manifest: dict, profile, out: Path, log) -> dict:
@@ -181,8 +169,7 @@ def _export_dense(model_dir: Path, manifest: dict, profile, out: Path, log) -> d
         log(f"exporting dense {comp.name} for the comparison")
         export_component(dense, comp, xspec, out / comp.name / "model.onnx", meta)
         comps[comp.name] = {"file": f"{comp.name}/model.onnx", "inputs": comp.trt_shapes(xspec)}
-    if dense.family.RUNTIME:
-        write_runtime_dir(dense, out)
+    write_runtime_dir(dense, out)
     dense_manifest = {"profile": profile.name, "sparsity": 0.0, "components": comps, "source": manifest["source"]}
     (out / "manifest.json").write_text(json.dumps(dense_manifest, indent=2))
     return dense_manifest
@@ -202,36 +189,12 @@ def _source_dir(manifest: dict, bundle: Path, model: str | None) -> Path:
 
 # --------------------------------------------------------------------------- timing
 
-def stats_ms(seconds: list[float]) -> dict:
-    ms = np.asarray(seconds, dtype=np.float64) * 1000
-    return {"n": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 4),
-            "p90_ms": round(float(np.percentile(ms, 90)), 4), "mean_ms": round(float(ms.mean()), 4),
-            "min_ms": round(float(ms.min()), 4)}
-
-
 def _sync(backend: str):
     if backend == "torch-cuda":
         import torch
 
         return torch.cuda.synchronize
     return lambda: None
-
-
-def _interleaved(jobs: dict[str, callable], warmup: int, iters: int, sync) -> dict[str, list[float]]:
-    """Warm every job up, then time one call of each per round, ABBA order; {name: [seconds...]}."""
-    for fn in jobs.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times = {name: [] for name in jobs}
-    names = list(jobs)
-    for i in range(iters):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            jobs[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def component_job(m: "Model", comp: str, feed: dict, backend: str, threads: int):
@@ -242,12 +205,13 @@ def component_job(m: "Model", comp: str, feed: dict, backend: str, threads: int)
 
 
 def generation_job(m: "Model", backend: str, threads: int, steps: int, sync, step_times: list | None = None):
-    """(call, close): one whole generation (1 image, DDIM) through the runtime's loop; per-step durations are
+    """(call, close): one whole generation (1 image, DDIM) through the runtime's loop (text encoders included); per-step durations are
     appended to step_times."""
-    from tinyprune.runtime.generate import Runtime
+    from tinyprune.runtime.generate import Runtime, runtime_components
 
-    runners = {c: m.runner(c, backend, threads) for c in ("unet", "vae_decoder")}
+    runners = {c: m.runner(c, backend, threads) for c in runtime_components(m.runtime_dir)}
     rt = Runtime(m.runtime_dir, backend, threads, runners=runners)
+    condition = rt.conditioning.example(1)
     rt.activate()
     stamps = []
 
@@ -258,7 +222,7 @@ def generation_job(m: "Model", backend: str, threads: int, steps: int, sync, ste
     def job():
         stamps.clear()
         t0 = time.perf_counter()
-        rt.generate([0], seed=0, steps=steps, scheduler="ddim", callback=cb)
+        rt.generate(condition, seed=0, steps=steps, scheduler="ddim", callback=cb)
         if step_times is not None:
             marks = [t0] + stamps
             step_times.extend(b - a for a, b in zip(marks, marks[1:]))
@@ -339,8 +303,8 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
     profile = load_profile(target or manifest["profile"])
     compare = compare or dense is not None
     if generation and not (bundle / "runtime" / "shapes.json").is_file():
-        log("generation: not measured: this bundle has no runtime/ (the torch-free runtime's loop is the "
-            "class-conditioned one so far); its components are timed one by one")
+        log("generation: not measured: this bundle has no runtime/ (made by a tinyprune before the runtime covered "
+            "its family; re-export it); its components are timed one by one")
         generation = False
 
     with tempfile.TemporaryDirectory(prefix="tinyprune-bench-") as tmp:
@@ -363,8 +327,7 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
                     from tinyprune.ship.runtime_files import write_runtime_dir
 
                     dm = Model("dense", None, src, manifest, runtime_dir=Path(tmp))
-                    if dm.pipe().family.RUNTIME:
-                        write_runtime_dir(dm.pipe(), Path(tmp))
+                    write_runtime_dir(dm.pipe(), Path(tmp))
                     models.insert(0, dm)
         if backend not in ONNX_BACKENDS:
             for m in models:  # weights loaded before measuring: torch rows' memory is what running adds
@@ -381,7 +344,7 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
             mem = _measure_memory(models, comp, backend, threads, steps, memory)
             opened = {m.name: component_job(m, comp, feed, backend, threads) for m in models}
             try:
-                times = _interleaved({n: job for n, (job, _) in opened.items()}, warmup, iters, sync)
+                times = interleaved({n: job for n, (job, _) in opened.items()}, warmup, iters, sync)
             finally:
                 for _, close in opened.values():
                     close()
@@ -395,7 +358,7 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
             mem = _measure_memory(models, "generation", backend, threads, steps, memory)
             opened = {m.name: generation_job(m, backend, threads, steps, sync, step_times[m.name]) for m in models}
             try:
-                times = _interleaved({n: job for n, (job, _) in opened.items()}, min(warmup, 1), gen_iters, sync)
+                times = interleaved({n: job for n, (job, _) in opened.items()}, min(warmup, 1), gen_iters, sync)
             finally:
                 for _, close in opened.values():
                     close()
@@ -420,7 +383,7 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
     checked = checks.done()
     result = {
         "bundle": str(bundle), "backend": backend, "profile": profile.name,
-        "machine": {"cpu": _cpu_name(), "cores": _cores(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": cores(), "python": platform.python_version(),
                     "threads": threads or "default"},
         "warmup": warmup, "iters": iters, "gen_iters": gen_iters, "steps": steps,
         "models": [m.name for m in models], "rows": rows, "speedup_p50": speedup, **checked.to_dict(),
@@ -429,26 +392,6 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
         raise GateFailed(f"latency over budget of profile {profile.name}: {'; '.join(checked.verdict.failed)} "
                          "(--target picks the profile of the machine you bench on)", result)
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 0
 
 
 if __name__ == "__main__":  # the memory probe's child process

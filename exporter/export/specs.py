@@ -96,8 +96,12 @@ def component_config(pipe: Pipeline, source: str) -> dict:
 
 
 def export_spec(pipe: Pipeline, profile: DeviceProfile, max_opset: int) -> ExportSpec:
+    """Shapes from the profile; the opset is the highest within the profile's max_opset and `max_opset` that the
+    target's TensorRT parser takes the exported ops at (export/trt_parser.py: 16 for TensorRT 8.5, whose parser has
+    no LayerNormalization, which torch emits from 17 on)."""
     from tinyprune.config import Range
+    from tinyprune.export.trt_parser import parser_opset
 
     native = pipe.latent_size
     latent = profile.latent or Range(native, native, native)
-    return ExportSpec(opset=min(profile.max_opset, max_opset), batch=profile.batch, latent=latent)
+    return ExportSpec(opset=parser_opset(profile, max_opset).opset, batch=profile.batch, latent=latent)

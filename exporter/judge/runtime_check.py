@@ -3,6 +3,7 @@ from the same seed, conditions and initial noise (DDIM), gated on the profile's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,21 @@ from tinyprune.runtime.generate import RUNTIME_DIR, SHAPES_FILE
 E2E_LABELS = 4  # conditions in the runtime-vs-PyTorch check: a numerical check, a few images suffice
 
 
-def runtime_check(bundle_dir: Path, ref, profile, what: str, steps: int | None = None, why_not: str | None = None):
-    """runtime_drift(...), or a skipped ImageDrift (no gate) when the check does not apply (why_not), ref is None
-    or the bundle has no runtime/ (made by a tinyprune before the runtime existed)."""
+@dataclass(frozen=True)
+class RuntimeReference:
+    """The PyTorch pipeline's images for the runtime check and the conditions they were made for."""
 
-    reason = why_not
-    if reason is None and ref is None:
+    conditions: list
+    images: np.ndarray
+
+
+def runtime_check(bundle_dir: Path, ref: RuntimeReference | None, profile, what: str, steps: int | None = None):
+    """runtime_drift(...), or a skipped ImageDrift (no gate) when ref is None (no image checks) or the bundle has
+    no runtime/ (made by a tinyprune before the runtime covered its family)."""
+    reason = None
+    if ref is None:
         reason = "--image-checks 0"
-    elif reason is None and not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
+    elif not (Path(bundle_dir) / RUNTIME_DIR / SHAPES_FILE).is_file():
         reason = "no runtime/ in this bundle: re-export it"
     if reason:
         return ImageDrift.skip(f"image runtime (ort-cpu) vs PyTorch, {what}", profile.min_runtime_psnr_db, reason)
@@ -32,22 +40,23 @@ def e2e_labels(pipe, n: int | None = None) -> list:
     return pipe.family.check_conditions(E2E_LABELS if n is None else min(n, E2E_LABELS))
 
 
-def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None) -> np.ndarray:
+def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None) -> RuntimeReference:
     """The PyTorch pipeline's images for the runtime check (tinyprune.model.sampling.sample, DDIM, seed IMAGE_SEED)."""
     from tinyprune.model.sampling import DEFAULT_STEPS, sample
 
-    return sample(pipe, e2e_labels(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy()
+    conditions = e2e_labels(pipe, n)
+    return RuntimeReference(conditions, sample(pipe, conditions, seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy())
 
 
-def runtime_drift(bundle_dir: Path, ref: np.ndarray, profile, what: str, steps: int | None = None,
+def runtime_drift(bundle_dir: Path, ref: RuntimeReference, profile, what: str, steps: int | None = None,
                   backend: str = "ort-cpu"):
-    """The runtime's images (same seed, labels and initial noise, DDIM) against PyTorch's `ref`; an ImageDrift
-    gated on profile.min_runtime_psnr_db."""
+    """The runtime's images (same seed, conditions and initial noise, DDIM, the reference's guidance: an LCM's
+    embedded one is the family's own) against PyTorch's `ref`; an ImageDrift gated on profile.min_runtime_psnr_db."""
     from tinyprune.runtime.generate import Runtime
     from tinyprune.model.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    labels = list(range(len(ref)))
     with Runtime(bundle_dir, backend) as rt:
-        got = rt.generate(labels, seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, scheduler="ddim",
-                          guidance=DEFAULT_GUIDANCE)
-    return ImageDrift.of(f"image runtime ({backend}) vs PyTorch, {what}", ref, got, profile.min_runtime_psnr_db)
+        guidance = DEFAULT_GUIDANCE if rt.conditioning.guided else None
+        got = rt.generate(list(ref.conditions), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, scheduler="ddim",
+                          guidance=guidance)
+    return ImageDrift.of(f"image runtime ({backend}) vs PyTorch, {what}", ref.images, got, profile.min_runtime_psnr_db)

@@ -1,18 +1,23 @@
 """The bundle's own generation loop, torch-free: numpy schedulers + onnxruntime (or TensorRT) -> PNGs.
 
-What it needs from the bundle: unet/model.onnx, vae_decoder/model.onnx (or build/<component>.engine for
-TensorRT) and runtime/ (scheduler_config.json, conditioning.npz, shapes.json; see ship/runtime_files.py). It
-reproduces tinyprune.model.sampling.sample: the same initial noise from numpy's generator, class conditioning
-with a null class for classifier-free guidance (UNet batch [uncond, cond]), DDIM with eta 0 or Euler
-steps, VAE decode (latents / scaling_factor into vae_decoder's latent_sample, as diffusers' ONNX pipelines feed
-it), images in [0, 1].
+What it needs from the bundle: the ONNX files of unet/, vae_decoder/ (none in pixel space) and the text
+encoders a text family conditions with (or build/<component>.engine for TensorRT), and runtime/
+(scheduler_config.json, shapes.json with the family's "conditioning" entry, conditioning.npz or the tokenizers'
+JSON; see ship/runtime_files.py and conditioning.py). It reproduces tinyprune.model.sampling.sample: the same
+initial noise from numpy's generator, the family's conditioning with classifier-free guidance where it guides
+(UNet batch [uncond, cond]), the bundle's scheduler (or --scheduler), VAE decode (latents / scaling_factor into
+vae_decoder's latent_sample, as diffusers' ONNX pipelines feed it), images in [0, 1]. Stochastic schedulers
+draw their noise from the same generator, after the initial noise.
 
-Imports numpy and onnxruntime only (pillow to write PNGs, tensorrt lazily for --backend trt); never
-torch or diffusers, so it runs on a device that has neither:
+Imports numpy and onnxruntime only (tokenizers for prompts, pillow to write PNGs, tensorrt lazily for
+--backend trt); never torch, transformers or diffusers, so it runs on a device that has none of them:
 
-    python -m tinyprune.runtime BUNDLE --class 3 --steps 20 --seed 0 --out imgs
+    python -m tinyprune.runtime BUNDLE --prompt "a red bicycle" --steps 20 --seed 0 --out imgs
+    python -m tinyprune.runtime BUNDLE --class 3            (the class-conditioned demo)
+    python -m tinyprune.runtime BUNDLE --num-images 4        (unconditional families)
+    python -m tinyprune.runtime bench BUNDLE --out bench.json
 
-Every bundle carries a copy of this whole package in runtime/tinyprune/runtime/, so the same command also works
+Every bundle carries a copy of this whole package in runtime/tinyprune/runtime/, so the same commands also work
 from BUNDLE/runtime without tinyprune installed.
 """
 
@@ -26,16 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendMissing, InputError, TinypruneError
-from .schedulers import make_scheduler
+from .conditioning import make_conditioning
+from .schedulers import KINDS, make_scheduler
 from .runners import OrtRunner, Runner
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt")
 RUNTIME_DIR = "runtime"
 SCHEDULER_FILE = "scheduler_config.json"
-CONDITIONING_FILE = "conditioning.npz"
 SHAPES_FILE = "shapes.json"
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
 
 
 def initial_noise(seed: int, batch: int, channels: int, size: int) -> np.ndarray:
@@ -50,8 +54,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise InputError(f"{path} is missing: this bundle has no runtime files (the torch-free runtime generates "
-                         "class-conditioned bundles only so far; a bundle older than the runtime: re-export it)")
+        raise InputError(f"{path} is missing: this bundle has no runtime files (made by a tinyprune before the "
+                         "runtime covered its family): re-export it")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -89,11 +93,20 @@ def make_runner(bundle: Path, component: str, backend: str, threads: int = 0) ->
     raise InputError(f"unknown backend {backend!r}; the runtime has: {', '.join(BACKENDS)}")
 
 
-class Runtime:
-    """Loads a bundle's runtime files; with it (a context manager), generate(labels, ...) -> images [B, 3, H, W].
+def runtime_components(bundle: str | Path) -> tuple[str, ...]:
+    """The components the bundle's loop runs, in call order: text encoders, unet, the decoder (if any)."""
+    shapes = _read_json(Path(bundle) / RUNTIME_DIR / SHAPES_FILE)
+    spec = shapes.get("conditioning", {})
+    decoder = shapes.get("decoder", "vae_decoder")
+    return (*(e["component"] for e in spec.get("encoders", ())), "unet", *((decoder,) if decoder else ()))
 
-    runners: {"unet": Runner, "vae_decoder": Runner} to use instead of the backend's own (bench passes
-    PyTorch runners this way, so every backend is timed through this same loop).
+
+class Runtime:
+    """Loads a bundle's runtime files; with it (a context manager), generate(conditions, ...) -> images [B, 3, H, W].
+
+    conditions: class labels, prompts or None placeholders, as the bundle's conditioning takes them (see
+    conditions()). runners: {component: Runner} to use instead of the backend's own (bench passes PyTorch runners
+    this way, so every backend is timed through this same loop).
     """
 
     def __init__(self, bundle: str | Path, backend: str = "ort-cpu", threads: int = 0,
@@ -104,16 +117,14 @@ class Runtime:
         rt = self.bundle / RUNTIME_DIR
         self.scheduler_config = _read_json(rt / SCHEDULER_FILE)
         self.shapes = _read_json(rt / SHAPES_FILE)
-        cond_path = rt / CONDITIONING_FILE
-        if not cond_path.is_file():
-            raise InputError(f"{cond_path} is missing: this bundle has no runtime files")
-        with np.load(cond_path, allow_pickle=False) as cond:
-            self.table = cond["table"].astype(np.float32)
-            self.seq_len, self.embed_dim = int(cond["seq_len"]), int(cond["embed_dim"])
-            self.null_class = int(cond["null_class"])
-        self.num_classes = self.null_class
+        self.conditioning = make_conditioning(self.shapes, rt)
+        self.components = runtime_components(self.bundle)
+        self.decoder = self.components[-1] if self.components[-1] != "unet" else None
         self.backend = backend
-        self.runners = runners or {c: make_runner(self.bundle, c, backend, threads) for c in ("unet", "vae_decoder")}
+        given = runners or {}
+        self.runners = {c: given[c] if c in given else make_runner(self.bundle, c, backend, threads)
+                        for c in self.components}
+        self.conditioning.runners = self.runners
         self.max_batch = self._max_batch() if backend == "trt" else None
 
     def _max_batch(self) -> int | None:
@@ -139,42 +150,53 @@ class Runtime:
         for r in self.runners.values():
             r.deactivate()
 
-    def check_labels(self, labels: list[int]) -> list[int]:
-        if not labels:
-            raise InputError("give at least one class label (--class N)")
-        bad = [c for c in labels if not 0 <= c < self.num_classes]
-        if bad:
-            raise InputError(f"class {bad[0]} is out of range: this model has classes 0..{self.num_classes - 1}")
-        return list(labels)
+    def conditions(self, labels: list[int] | None = None, prompts: list[str] | None = None,
+                   num_images: int = 1) -> list:
+        """The conditions of one command line: labels or prompts, whichever the bundle takes, each num_images
+        times; num_images placeholders for an unconditional bundle."""
+        if num_images < 1:
+            raise InputError(f"--num-images must be >= 1, got {num_images}")
+        kind = self.conditioning.condition_kind
+        given = {"class": labels, "prompt": prompts}
+        wrong = [k for k, v in given.items() if v and k != kind]
+        if wrong:
+            want = {"class": "--class N", "prompt": '--prompt "..."', "none": "--num-images N only"}[kind]
+            raise InputError(f"this bundle's model is {self.shapes.get('family', kind)}, it takes {want}, "
+                             f"not --{wrong[0]}")
+        base = given.get(kind) or ([None] if kind == "none" else [])
+        return self.conditioning.check([c for c in base for _ in range(num_images)])
 
-    def context(self, labels: list[int]) -> np.ndarray:
-        """[uncond..., cond...] cross-attention context, [2B, seq_len, embed_dim]."""
-        ids = np.array([self.null_class] * len(labels) + list(labels), dtype=np.int64)
-        return self.table[ids].reshape(len(ids), self.seq_len, self.embed_dim)
-
-    def denoise(self, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
-                guidance: float = DEFAULT_GUIDANCE, callback=None) -> np.ndarray:
+    def denoise(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
+                guidance: float | None = None, callback=None) -> np.ndarray:
         """The final scaled latents [B, C, h, w]. callback(done, total) after every UNet step."""
-        labels = self.check_labels(labels)
+        cond_of = self.conditioning
+        conditions = cond_of.check(conditions)
+        guidance = cond_of.default_guidance if guidance is None else guidance
         sched = make_scheduler(self.scheduler_config, scheduler)
         timesteps = sched.set_timesteps(steps)
         c, size = self.shapes["latent_channels"], self.shapes["latent_size"]
-        noise = initial_noise(seed, len(labels), c, size)
-        chunk = max(1, self.max_batch // 2) if self.max_batch else len(labels)
-        out, done, total = [], 0, steps * -(-len(labels) // chunk)
+        rng = np.random.default_rng(seed)  # its first draw is initial_noise(seed, ...); scheduler noise follows
+        noise = rng.standard_normal((len(conditions), c, size, size)).astype(np.float32)
+        pairs = 2 if cond_of.guided else 1
+        chunk = max(1, self.max_batch // pairs) if self.max_batch else len(conditions)
+        out, done, total = [], 0, steps * -(-len(conditions) // chunk)
         unet = self.runners["unet"]
-        for lo in range(0, len(labels), chunk):
-            part = labels[lo:lo + chunk]
-            latents = noise[lo:lo + chunk] * sched.init_noise_sigma
-            context = self.context(part)
+        for lo in range(0, len(conditions), chunk):
+            part = conditions[lo:lo + chunk]
+            latents = noise[lo:lo + chunk] * np.float32(sched.init_noise_sigma)
+            feeds = cond_of.cond(part, guidance)
+            uncond = cond_of.uncond(len(part)) if cond_of.guided else None
+            if uncond is not None:
+                feeds = {k: np.concatenate([uncond[k], feeds[k]]) for k in feeds}
+            n = pairs * len(part)
             for i, t in enumerate(timesteps):
-                x = sched.scale_model_input(np.concatenate([latents, latents]), i)
-                feed = {"sample": np.ascontiguousarray(x, dtype=np.float32),
-                        "timestep": np.full((2 * len(part),), t, dtype=np.float32),
-                        "encoder_hidden_states": context}
-                eps = unet(feed)["out_sample"]
-                eps_u, eps_c = eps[: len(part)], eps[len(part):]
-                latents = sched.step(eps_u + guidance * (eps_c - eps_u), i, latents)
+                x = sched.scale_model_input(latents if pairs == 1 else np.concatenate([latents, latents]), i)
+                eps = unet({"sample": np.ascontiguousarray(x, dtype=np.float32),
+                            "timestep": np.full((n,), t, dtype=np.float32), **feeds})["out_sample"]
+                if pairs == 2:
+                    eps_u, eps_c = eps[: len(part)], eps[len(part):]
+                    eps = eps_u + np.float32(guidance) * (eps_c - eps_u)
+                latents = sched.step(eps, i, latents, rng)
                 done += 1
                 if callback:
                     callback(done, total)
@@ -182,36 +204,39 @@ class Runtime:
         return np.concatenate(out)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents -> images in [0, 1], [B, 3, H, W] float32."""
+        """Scaled latents -> images in [0, 1], [B, 3, H, W] float32 (pixel space: the latents are the images)."""
+        if self.decoder is None:
+            return np.clip(latents / 2 + 0.5, 0, 1).astype(np.float32)
         if "scaling_factor" not in self.shapes:
             raise InputError(f"{self.bundle} was made by a tinyprune whose vae_decoder took scaled latents: re-export it")
         chunk = min(self.max_batch or len(latents), len(latents))
-        vae = self.runners["vae_decoder"]
+        vae = self.runners[self.decoder]
         unscaled = latents / np.float32(self.shapes["scaling_factor"])
         images = [vae({"latent_sample": np.ascontiguousarray(unscaled[lo:lo + chunk], dtype=np.float32)})["sample"]
                   for lo in range(0, len(latents), chunk)]
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1)
 
-    def generate(self, labels: list[int], seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
-                 guidance: float = DEFAULT_GUIDANCE, callback=None) -> np.ndarray:
-        return self.decode(self.denoise(labels, seed, steps, scheduler, guidance, callback))
+    def generate(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
+                 guidance: float | None = None, callback=None) -> np.ndarray:
+        return self.decode(self.denoise(conditions, seed, steps, scheduler, guidance, callback))
 
 
-def save_pngs(images: np.ndarray, labels: list[int], seed: int, out: Path) -> list[str]:
+def save_pngs(images: np.ndarray, names: list[str], seed: int, out: Path) -> list[str]:
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, (img, label) in enumerate(zip(to_uint8(images), labels)):
-        path = out / f"{i:02d}_class{label}_seed{seed}.png"
+    for i, (img, name) in enumerate(zip(to_uint8(images), names)):
+        path = out / f"{i:02d}_{name}_seed{seed}.png"
         Image.fromarray(img).save(path, format="PNG")
         files.append(str(path))
     return files
 
 
-def generate_to_dir(bundle: str | Path, labels: list[int], out: str | Path, steps: int = DEFAULT_STEPS, seed: int = 0,
-                    scheduler: str | None = None, guidance: float = DEFAULT_GUIDANCE, backend: str = "ort-cpu",
+def generate_to_dir(bundle: str | Path, out: str | Path, labels: list[int] | None = None,
+                    prompts: list[str] | None = None, num_images: int = 1, steps: int = DEFAULT_STEPS, seed: int = 0,
+                    scheduler: str | None = None, guidance: float | None = None, backend: str = "ort-cpu",
                     threads: int = 0, progress=None, save_npy: bool = False) -> dict:
     """`tinyprune generate` / `python -m tinyprune.runtime`: PNGs (and images.npy if asked) in `out`."""
     if steps < 1:
@@ -220,44 +245,57 @@ def generate_to_dir(bundle: str | Path, labels: list[int], out: str | Path, step
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
     rt = Runtime(bundle, backend, threads)
-    labels = rt.check_labels(labels)
-    kind = scheduler or None
+    conditions = rt.conditions(labels, prompts, num_images)
+    sched = make_scheduler(rt.scheduler_config, scheduler)
+    guidance = rt.conditioning.default_guidance if guidance is None else guidance
     t0 = time.perf_counter()
     with rt:
         t_load = time.perf_counter() - t0
         t1 = time.perf_counter()
-        latents = rt.denoise(labels, seed, steps, kind, guidance, progress)
+        latents = rt.denoise(conditions, seed, steps, scheduler, guidance, progress)
         t2 = time.perf_counter()
         images = rt.decode(latents)
         t3 = time.perf_counter()
-    files = save_pngs(images, labels, seed, out)
+    files = save_pngs(images, [rt.conditioning.describe(c) for c in conditions], seed, out)
     if save_npy:
         np.save(out / "images.npy", images.astype(np.float32))
-    sched = make_scheduler(rt.scheduler_config, kind)
     return {
-        "bundle": str(bundle), "out": str(out), "files": files, "labels": labels, "seed": seed, "steps": steps,
-        "scheduler": sched.name, "guidance": guidance, "backend": backend,
+        "bundle": str(bundle), "out": str(out), "files": files, "conditions": conditions, "seed": seed,
+        "steps": steps, "scheduler": sched.name, "guidance": guidance, "backend": backend,
         "image_size": [int(images.shape[2]), int(images.shape[3])],
         "seconds": {"load": round(t_load, 4), "denoise": round(t2 - t1, 4), "decode": round(t3 - t2, 4),
                     "per_step": round((t2 - t1) / steps, 5)},
     }
 
 
+def add_generation_options(p) -> None:
+    """The options `python -m tinyprune.runtime` and its bench share."""
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=KINDS, default=None, help="default: the bundle's scheduler config class")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (an LCM's embedded guidance); default: the bundle's")
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tinyprune.runtime",
-                                description="Generate images from a tinyprune bundle without PyTorch.")
-    p.add_argument("bundle", help="bundle directory")
-    p.add_argument("--class", dest="labels", type=int, action="append", required=True,
-                   help="class label; repeat for several images")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=("ddim", "euler"), default=None,
-                   help="default: the bundle's scheduler config class")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+                                description="Generate images from a tinyprune bundle without PyTorch "
+                                            "(`python -m tinyprune.runtime bench BUNDLE` times it).")
+    add_generation_options(p)
+    p.add_argument("--prompt", dest="prompts", action="append", help="prompt (text bundles); repeat for several")
+    p.add_argument("--class", dest="labels", type=int, action="append",
+                   help="class label (the class-conditioned demo); repeat for several")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt or class (unconditional: in all)")
     p.add_argument("--out", default="images", help="output directory for the PNGs")
     p.add_argument("--npy", action="store_true", help="also write the float images as images.npy")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
@@ -268,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {done}/{total}", file=sys.stderr, flush=True)
 
     try:
-        r = generate_to_dir(args.bundle, args.labels, args.out, args.steps, args.seed, args.scheduler,
-                            args.guidance, args.backend, args.threads, progress, args.npy)
+        r = generate_to_dir(args.bundle, args.out, args.labels, args.prompts, args.num_images, args.steps, args.seed,
+                            args.scheduler, args.guidance, args.backend, args.threads, progress, args.npy)
     except TinypruneError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

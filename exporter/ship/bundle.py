@@ -168,13 +168,25 @@ def read_manifest(bundle: Path) -> dict:
         raise InputError(f"{path} is not valid JSON ({e})") from None
 
 
-def verify(bundle: Path) -> dict:
-    """Every checksum in the manifest and every ONNX metadata claim; GateFailed naming what is off."""
+def verify(bundle: Path, target: str | None = None) -> dict:
+    """Every checksum in the manifest, every ONNX metadata claim, and whether the target's TensorRT parser takes each
+    ONNX file (opset and ops: export/trt_parser.py); GateFailed naming what is off.
+
+    target: a profile name, alias or .toml path; None: the profile the manifest names, when this tool knows it (a
+    bundle made with a custom profile file is then checked without a target)."""
+    from tinyprune.config import load_profile
+    from tinyprune.export.trt_parser import unparseable
     from tinyprune.export.writer import load_onnx
     from tinyprune.export.metadata import check_claims
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    profile = load_profile(target) if target is not None else None  # a wrong --target: exit 2 before any work
+    if profile is None and isinstance(manifest.get("profile"), str):
+        try:
+            profile = load_profile(manifest["profile"])
+        except InputError:
+            profile = None
     problems = []
     for rel, digest in sorted(manifest.get("files", {}).items()):
         path = bundle / rel
@@ -188,9 +200,13 @@ def verify(bundle: Path) -> dict:
         path = bundle / comp["file"]
         if not path.is_file() or any(p.startswith(comp["file"]) for p in problems):
             continue
-        problems += [f"{comp['file']}: {p}" for p in check_claims(load_onnx(path, load_data=False), str(path.parent))]
+        model = load_onnx(path, load_data=False)
+        problems += [f"{comp['file']}: {p}" for p in check_claims(model, str(path.parent))]
+        if profile is not None:
+            problems += [str(p) for p in unparseable(model, profile, file=comp["file"])]
     result = {"bundle": str(bundle), "files": len(manifest.get("files", {})), "problems": problems,
-              "ok": not problems}
+              "target": profile.name if profile else None,
+              "trt_version": profile.trt_version if profile else None, "ok": not problems}
     if problems:
         raise GateFailed(f"verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), result)
     return result

@@ -120,7 +120,10 @@ def _target_line(profile: DeviceProfile) -> str:
 
 
 def write_build_script(bundle_dir: Path, manifest: dict, profile: DeviceProfile, dla: bool = False) -> Path:
-    """Write build/build_engines.sh and build/README.md for the target; same inputs give the same bytes."""
+    """Write build/build_engines.sh and build/README.md for the target; same inputs give the same bytes.
+
+    `manifest` needs only its "components" (file, tensors_2to4, inputs per component): export writes the script
+    from them before the manifest itself, so that the script is among the files the manifest checksums."""
     bundle_dir = Path(bundle_dir)
     _check_target(profile, dla)
     components = manifest["components"]
@@ -129,7 +132,8 @@ def write_build_script(bundle_dir: Path, manifest: dict, profile: DeviceProfile,
             raise InputError(f"bundle {bundle_dir} lacks {comp['file']}, which manifest.json names for {name}")
     lines = [
         "#!/usr/bin/env bash",
-        "# TensorRT engines for this tinyprune bundle. Written by `tinyprune build`; rerun that to refresh it.",
+        "# TensorRT engines for this tinyprune bundle. Written by `tinyprune export` (GPU targets) and `tinyprune build`",
+        "# (the same bytes from the same manifest and target); rerun `tinyprune build` to refresh it.",
         f"# target: {profile.name}: {profile.description}",
         f"# flags written for {_target_line(profile)}",
         "# Engines are tied to the GPU architecture and the TensorRT version: build them on the device that runs",

@@ -15,7 +15,8 @@ from tinyprune.ship.bundle import TIMINGS, check_out_dir, staged, write_json, wr
 from tinyprune.export.specs import component_config, component_specs, export_spec
 from tinyprune.config import DeviceProfile, L1GradSpec, PruneSpec, load_profile
 from tinyprune.errors import GateFailed, InputError
-from tinyprune.bench.memory import peak_rss_mb, release_free_memory, reset_peak_rss
+from tinyprune.runtime.measure import peak_rss_mb, release_free_memory, reset_peak_rss
+from tinyprune.export.trt_parser import TORCH_EMITS_FROM, parser_opset, unparseable
 from tinyprune.export.writer import MAX_EXPORT_OPSET, export_component
 from tinyprune.judge.checks import Checked, CheckOptions, Checks, QualityCheck
 from tinyprune.model.pipeline import demo_dir, load_pipeline, save_pipeline, tree_sha256
@@ -23,6 +24,7 @@ from tinyprune.prune.plan import PrunePlan
 from tinyprune.prune.run import prune
 from tinyprune.ship.report import pruning_summary, speedup_source, write_report
 from tinyprune.ship.runtime_files import write_runtime_dir
+from tinyprune.ship.tensorrt import write_build_script
 
 
 class Stages:
@@ -182,6 +184,14 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
     run.checks.pruned(pruned)  # PyTorch's side of every check, while the pipeline is loaded
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
     notices = run.notices
+    lowered = parser_opset(profile, MAX_EXPORT_OPSET)
+    if lowered.lowered:
+        why = (f"cannot parse {', '.join(lowered.avoided)}, which torch emits from opset "
+               f"{min(TORCH_EMITS_FROM[op] for op in lowered.avoided)} on (decomposed below it)" if lowered.avoided
+               else f"takes opsets up to {lowered.opset}")
+        notices += (f"{profile.name}: exported at opset {lowered.opset}, not {lowered.ceiling}: TensorRT "
+                    f"{profile.trt_version}'s ONNX parser {why}",)
+        log(f"notice: {notices[-1]}")
     if xspec.opset < 14 and any(c.name.startswith("text_encoder") for c in component_specs(pruned)):
         notices += (f"{profile.name}: text encoders exported at opset {xspec.opset} with eager attention "
                     "(MatMul/Softmax): CLIP's fused attention needs opset 14, which this target's TensorRT does not parse",)
@@ -203,6 +213,10 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 stamped = export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
                                            dict(meta, pattern=pattern,
                                                 params_dense=pruned_comp.dense_params() if pruned_comp else None))
+            refused = unparseable(tmp / comp.name / "model.onnx", profile, file=f"{comp.name}/model.onnx")
+            if refused:  # one line, exit 2; staged() removes the half bundle and leaves --out as it was
+                more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
+                raise InputError(f"{refused[0]}{more}; nothing was written to {out}")
             write_json(tmp / comp.name / "config.json", component_config(pruned, comp.source))
             tensors = json.loads(stamped["tinyprune.tensors"])
             components[comp.name] = {
@@ -212,15 +226,14 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 "inputs": comp.trt_shapes(xspec),
                 "outputs": list(comp.outputs),
             }
+        if profile.has_tensorrt:  # the on-device engine build, covered by the manifest's checksums like the rest;
+            # from the components as manifest.json holds them (sorted keys), so `tinyprune build` writes the same bytes
+            write_build_script(tmp, json.loads(json.dumps({"components": components}, sort_keys=True)), profile)
         index = pruned.family.onnx_index()
         if index is not None:  # what diffusers' and optimum's ONNX pipelines load the bundle by
             write_json(tmp / "model_index.json", index)
-        if pruned.family.RUNTIME:
-            with stage("runtime files"):  # runtime/ for the torch-free loop
-                write_runtime_dir(pruned, tmp)
-        else:
-            log(f"notice: no runtime/ in this bundle: the torch-free runtime has no {pruned.family.name} loop yet "
-                "(the ONNX files are checked component by component)")
+        with stage("runtime files"):  # runtime/ for the torch-free loop
+            write_runtime_dir(pruned, tmp)
         del pruned  # the last reference to the PyTorch weights: onnxruntime's copy must not sit beside them
         gc.collect()
         run.checks.bundle(tmp)

@@ -111,7 +111,7 @@ class Family:
     PARTS: ClassVar[dict[str, str]] = {}
     PRUNABLE_PARTS: ClassVar[tuple[str, ...]] = ()  # conditioning models --prune-text-encoder prunes
     CHECK_CONDITIONS: ClassVar[int] = 4  # conditions the image checks draw by default
-    RUNTIME: ClassVar[bool] = False  # whether the torch-free runtime (runtime/generate.py) has a loop for it
+    GUIDANCE: ClassVar[float] = 3.0  # the torch-free runtime's default guidance scale for the family's bundles
 
     def __init__(self, pipe: "Pipeline"):
         self.pipe = pipe
@@ -205,9 +205,9 @@ class Family:
         is none yet)."""
         return None
 
-    def runtime_conditioning(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Arrays the torch-free runtime conditions with, and the entries it adds to runtime/shapes.json (where
-        RUNTIME: the others' bundles are checked component by component)."""
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+        """How the torch-free runtime conditions the UNet (runtime/conditioning.py): shapes.json's "conditioning"
+        entry, and the files it reads from runtime/ (name -> {array name: array} for an .npz, str for text)."""
         raise NotImplementedError
 
     def yardstick_classes(self) -> int | None:

@@ -35,7 +35,6 @@ class ClassLabelFamily(Family):
     CONDITIONER = "class_embedder"
     PARTS = {"class_embedder": "tinyprune.model.families.class_label.ClassEmbedder"}
     CHECK_CONDITIONS = 10  # every class
-    RUNTIME = True
 
     @classmethod
     def accepts(cls, index: dict) -> bool:
@@ -98,9 +97,10 @@ class ClassLabelFamily(Family):
             {"sample": "latent", "out_sample": "latent"}, {"timestep": (0, n_train)})
         return (unet, *self.latent_components())
 
-    def runtime_conditioning(self) -> tuple[dict[str, np.ndarray], dict]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
         cfg = self.embedder.config
         table = self.embedder.embedding.weight.detach().float().cpu().numpy().astype(np.float32)
         arrays = {"table": table, "seq_len": np.int64(cfg.seq_len), "embed_dim": np.int64(cfg.embed_dim),
                   "null_class": np.int64(self.embedder.null_class)}
-        return arrays, {"num_classes": int(cfg.num_classes)}
+        spec = {"kind": "class", "num_classes": int(cfg.num_classes), "guidance": self.GUIDANCE}
+        return spec, {"conditioning.npz": arrays}

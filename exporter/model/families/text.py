@@ -68,6 +68,7 @@ class StableDiffusionFamily(Family):
     PARTS = {"text_encoder": "transformers.CLIPTextModel", "tokenizer": "transformers.CLIPTokenizer"}
     PRUNABLE_PARTS = ("text_encoder",)
     ENCODERS = (("text_encoder", "tokenizer"),)
+    GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance_scale
     ONNX_PIPELINE: str | None = "OnnxStableDiffusionPipeline"  # the ecosystem's ONNX pipeline for the bundle
 
     @classmethod
@@ -138,6 +139,37 @@ class StableDiffusionFamily(Family):
 
     ADDED: tuple[str, ...] = ()
 
+    # ---- the torch-free runtime
+    def tokenizer_json(self, name: str) -> str:
+        """The tokenizer as a `tokenizers` JSON that pads and truncates to the encoder's length itself, so that
+        the runtime's Tokenizer.encode_batch gives the ids this pipeline's CLIPTokenizer gives."""
+        from tokenizers import Tokenizer
+
+        tok = self.pipe.parts[name]
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:  # a slow tokenizer (transformers 4): its fast twin, converted from vocab and merges
+            from transformers import CLIPTokenizerFast
+
+            backend = CLIPTokenizerFast.from_pretrained(self.pipe.root / name, local_files_only=True).backend_tokenizer
+        fast = Tokenizer.from_str(backend.to_str())
+        length = int(tok.model_max_length)
+        fast.enable_truncation(length)
+        fast.enable_padding(length=length, pad_id=int(tok.pad_token_id), pad_token=str(tok.pad_token))
+        return fast.to_str(pretty=True)
+
+    def runtime_encoder(self, name: str) -> dict:
+        """Which text encoder outputs the runtime's UNet context takes (and the pooled one, where added)."""
+        return {"context": "last_hidden_state", "pooled": None}
+
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+        files, encoders = {}, []
+        for enc, tok in self.ENCODERS:
+            files[f"{tok}.json"] = self.tokenizer_json(tok)
+            encoders.append({"component": enc, "tokenizer": f"{tok}.json", **self.runtime_encoder(enc)})
+        spec = {"kind": "text", "encoders": encoders, "guided": self.guided, "null": "empty",
+                "guidance": self.GUIDANCE, "example_prompts": self.check_conditions(2)}
+        return spec, files
+
     def onnx_index(self) -> dict | None:
         """diffusers' OnnxStableDiffusionPipeline (which optimum's ORTStableDiffusionPipeline loads too): every ONNX
         component an OnnxRuntimeModel, tokenizer and scheduler as the source has them, no safety checker."""
@@ -167,6 +199,7 @@ class StableDiffusionFamily(Family):
 class LatentConsistencyFamily(StableDiffusionFamily):
     name = "latent-consistency"
     PIPELINES = ("LatentConsistencyModelPipeline",)
+    GUIDANCE = LCM_GUIDANCE
     ONNX_PIPELINE = None  # optimum's ORTLatentConsistencyModelPipeline layout: not written yet
 
     @classmethod
@@ -192,6 +225,10 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     def unet_inputs(self) -> dict[str, tuple[int, ...]]:
         return {**super().unet_inputs(), "timestep_cond": (int(self.pipe.unet.config.time_cond_proj_dim),)}
 
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+        spec, files = super().runtime_conditioning()
+        return {**spec, "timestep_cond_dim": int(self.pipe.unet.config.time_cond_proj_dim)}, files
+
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "stable-diffusion-xl"
@@ -201,6 +238,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     PRUNABLE_PARTS = ("text_encoder", "text_encoder_2")
     ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     ADDED = ("text_embeds", "time_ids")
+    GUIDANCE = 5.0  # StableDiffusionXLPipeline's default guidance_scale
     ONNX_PIPELINE = None  # optimum's ORTStableDiffusionXLPipeline layout: not written yet
 
     @classmethod
@@ -243,6 +281,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]).repeat(batch, 1, 1),
                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(cond["added_cond_kwargs"]["text_embeds"])
                                       .repeat(batch, 1), "time_ids": self.time_ids(batch, size)}}
+
+    def runtime_encoder(self, name: str) -> dict:
+        penultimate = int(self.pipe.parts[name].config.num_hidden_layers) - 1  # hidden_states[-2] of n + 1
+        return {"context": f"hidden_states.{penultimate}", "pooled": "text_embeds" if name == "text_encoder_2" else None}
+
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+        spec, files = super().runtime_conditioning()
+        zeros = self.pipe.index.get("force_zeros_for_empty_prompt", True)
+        return {**spec, "null": "zeros" if zeros else "empty", "time_ids": self.time_ids(1)[0].tolist()}, files
 
     def unet_inputs(self) -> dict[str, tuple[int, ...]]:
         pooled = int(self.pipe.parts["text_encoder_2"].config.projection_dim)

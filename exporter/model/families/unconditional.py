@@ -36,6 +36,9 @@ class UnconditionalFamily(Family):
     def context_tokens(self) -> int:
         return 0
 
+    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+        return {"kind": "none"}, {}
+
     def components(self) -> tuple[ComponentIO, ...]:
         pipe = self.pipe
         latent_ch, n_train = pipe.latent_channels, int(pipe.scheduler.config.num_train_timesteps)

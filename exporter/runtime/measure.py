@@ -1,0 +1,121 @@
+"""What benchmarks measure with, torch-free (the runtime's bench and `tinyprune bench` share it): process memory
+from Linux /proc (no psutil: peak RSS, VmHWM, per block of work), latency statistics, interleaved timing, the
+machine's description and the feeds components are timed with."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc keeps freed heap pages otherwise), so that the
+    next figure starts from what is really alive."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def status_kb(key: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float | None:
+    kb = status_kb("VmHWM")
+    return None if kb is None else round(kb / 1024, 1)
+
+
+def stats_ms(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    return {"n": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 4),
+            "p90_ms": round(float(np.percentile(ms, 90)), 4), "mean_ms": round(float(ms.mean()), 4),
+            "min_ms": round(float(ms.min()), 4)}
+
+
+def interleaved(jobs: dict, warmup: int, iters: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Warm every job up, then time one call of each per round, ABBA order (a noisy, shared machine slows all
+    alike); {name: [seconds...]}."""
+    for fn in jobs.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = {name: [] for name in jobs}
+    names = list(jobs)
+    for i in range(iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            jobs[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def component_feed(components: dict, component: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs at the shape one generation uses: the manifest's opt shape (components: its "components"),
+    batch 1 for the parts that run once per image."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name, shapes in components[component]["inputs"].items():
+        shape = list(shapes["opt"])
+        if component != "unet":
+            shape[0] = max(1, shapes["min"][0])
+        if name == "timestep":
+            feed[name] = np.full(shape, 500.0, dtype=np.float32)
+        elif name == "input_ids":  # token ids, int32 as diffusers' ONNX pipelines feed them; 256: in every vocab
+            feed[name] = rng.integers(0, 256, shape).astype(np.int32)
+        else:
+            feed[name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 0
+
+
+def board() -> str | None:
+    """The board's model string where the device tree has one (a Jetson: 'NVIDIA Jetson AGX Orin ...')."""
+    try:
+        with open("/proc/device-tree/model") as f:
+            return f.read().strip("\x00\n ") or None
+    except OSError:
+        return None
