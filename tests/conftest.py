@@ -63,3 +63,26 @@ def family_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     return {name: save(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def family_bundle(family_dirs, tmp_path_factory):
+    """family_bundle(name) -> (bundle dir, export's result dict): each family's x86-cpu bundle (magnitude 0.43,
+    one image check of 2 steps), exported once for the read-only tests that share it."""
+    from tinyprune.errors import GateFailed
+    from tinyprune.workflows.export import export
+
+    root, made = tmp_path_factory.mktemp("family_bundles"), {}
+
+    def get(name: str):
+        if name not in made:
+            out = root / name
+            try:
+                result = export(str(family_dirs[name]), 0.43, "x86-cpu", out=out, image_checks=1,
+                                image_steps=2).to_dict()
+            except GateFailed as e:  # random weights: the dense-vs-pruned image gate may fail; the bundle is written
+                result = e.result
+            made[name] = (out, result)
+        return made[name]
+
+    return get

@@ -37,11 +37,10 @@ def _export(model, out, **kw):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_family_exports_and_verifies(family_dirs, tmp_path, name):
+def test_every_family_exports_and_verifies(family_bundle, name):
     from tinyprune.ship.bundle import verify
 
-    out = tmp_path / "b"
-    r = _export(family_dirs[name], out)
+    out, r = family_bundle(name)
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["components"]) == ONNX.get(name, ONNX["sd"])
     assert r["sparsity"]["unet"] == pytest.approx(0.43, abs=1e-3)
@@ -58,11 +57,10 @@ def test_every_family_exports_and_verifies(family_dirs, tmp_path, name):
     assert verify(out)["ok"]
 
 
-def test_the_pruned_pipeline_loads_in_diffusers(family_dirs, tmp_path):
+def test_the_pruned_pipeline_loads_in_diffusers(family_bundle):
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "b"
-    _export(family_dirs["sd"], out, image_checks=0)
+    out, _ = family_bundle("sd")
     pipe = DiffusionPipeline.from_pretrained(out / "pruned", use_safetensors=True, local_files_only=True)
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
     image = pipe("a red bicycle", num_inference_steps=2, height=32, width=32, output_type="np").images
@@ -289,15 +287,14 @@ def test_jetson_nano_gets_text_encoders_its_tensorrt_parses(family_dirs, tmp_pat
     assert r["opset"] == 13
 
 
-def test_diffusers_onnx_pipeline_runs_the_bundle_as_it_stands(family_dirs, tmp_path):
+def test_diffusers_onnx_pipeline_runs_the_bundle_as_it_stands(family_bundle):
     """model_index.json, config.json per component and optimum's I/O names: diffusers' OnnxStableDiffusionPipeline
     loads the bundle dir itself and makes the image the pruned PyTorch pipeline makes."""
     from diffusers import OnnxStableDiffusionPipeline, StableDiffusionPipeline
 
     from tinyprune.judge.drift import psnr
 
-    out = tmp_path / "b"
-    _export(family_dirs["sd"], out, image_checks=0)
+    out, _ = family_bundle("sd")
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "OnnxStableDiffusionPipeline" and index["unet"] == ["diffusers", "OnnxRuntimeModel"]
     assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 32

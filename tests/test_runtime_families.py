@@ -16,30 +16,16 @@ from typer.testing import CliRunner
 from blocking import blocked_imports
 
 from tinyprune.cli import app
-from tinyprune.errors import GateFailed
 from tinyprune.judge.drift import psnr
 from tinyprune.model.pipeline import load_pipeline
-from tinyprune.workflows.export import export
 
 PROMPTS = ["a red bicycle", "", "A Photo of THE Ocean, at night!!", "naïve café — ünïcödé 東京 🚲",
            " ".join(["a very long prompt that goes on"] * 20), "the and of in ing thing"]
 
 
-def _export(model, out, **kw):
-    try:
-        return export(str(model), 0.43, "x86-cpu", out=out, **{"image_checks": 1, "image_steps": 2, **kw}).to_dict()
-    except GateFailed as e:  # random weights: the dense-vs-pruned image gate may fail; the bundle is written
-        return e.result
-
-
 @pytest.fixture(scope="module")
-def bundles(family_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt_bundles")
-    made = {}
-    for name in ("sd", "sdxl", "lcm", "ddpm", "ldm"):
-        _export(family_dirs[name], root / name)
-        made[name] = root / name
-    return made
+def bundles(family_bundle):
+    return {name: family_bundle(name)[0] for name in ("sd", "sdxl", "lcm", "ddpm", "ldm")}
 
 
 @pytest.mark.parametrize("name,tokenizer", [("sd", "tokenizer"), ("sd2", "tokenizer"), ("sdxl", "tokenizer"),

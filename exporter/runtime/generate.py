@@ -179,7 +179,7 @@ class Runtime:
         noise = rng.standard_normal((len(conditions), c, size, size)).astype(np.float32)
         pairs = 2 if cond_of.guided else 1
         chunk = max(1, self.max_batch // pairs) if self.max_batch else len(conditions)
-        out, done, total = [], 0, steps * -(-len(conditions) // chunk)
+        out, done, total = [], 0, len(timesteps) * -(-len(conditions) // chunk)  # PNDM: steps + 1 calls
         unet = self.runners["unet"]
         for lo in range(0, len(conditions), chunk):
             part = conditions[lo:lo + chunk]
