@@ -171,15 +171,27 @@ class StableDiffusionFamily(Family):
         return spec, files
 
     def onnx_index(self) -> dict | None:
-        """diffusers' OnnxStableDiffusionPipeline (which optimum's ORTStableDiffusionPipeline loads too): every ONNX
-        component an OnnxRuntimeModel, tokenizer and scheduler as the source has them, no safety checker."""
+        """diffusers' OnnxStableDiffusionPipeline index (optimum's ORTStableDiffusionPipeline.from_pretrained loads it
+        too; its class-name lookup, ORTDiffusionPipeline / ORTPipelineForText2Image, does not know this name): every
+        ONNX component an OnnxRuntimeModel, the source's tokenizers (by a class transformers 4.x and 5.x both load
+        them with) and scheduler, no safety checker.
+
+        optimum's pipelines open <component>/model.onnx and its config.json by subfolder name alone; of this index
+        they read `unet` (present: no export), the tokenizers, scheduler and feature_extractor ([library, class],
+        loaded from their subfolders) and, as pipeline config, keys such as SDXL's force_zeros_for_empty_prompt."""
         if self.ONNX_PIPELINE is None:
             return None
         from diffusers import __version__
 
+        def tokenizer(entry: list) -> list:
+            # transformers 5 saves a CLIP tokenizer as tokenizer.json alone, which 4.x's (slow) CLIPTokenizer cannot
+            # read; CLIPTokenizerFast reads it in 4.x (and vocab.json + merges.txt too) and is CLIPTokenizer in 5.x
+            return ["transformers", "CLIPTokenizerFast"] if list(entry) == ["transformers", "CLIPTokenizer"] else entry
+
         index = {"_class_name": self.ONNX_PIPELINE, "_diffusers_version": __version__,
                  **{c.name: ["diffusers", "OnnxRuntimeModel"] for c in self.components()},
-                 "tokenizer": self.pipe.index["tokenizer"], "scheduler": self.pipe.index["scheduler"],
+                 **{tok: tokenizer(self.pipe.index[tok]) for _, tok in self.ENCODERS},
+                 "scheduler": self.pipe.index["scheduler"],
                  "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
         return index
 
@@ -200,7 +212,8 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     name = "latent-consistency"
     PIPELINES = ("LatentConsistencyModelPipeline",)
     GUIDANCE = LCM_GUIDANCE
-    ONNX_PIPELINE = None  # optimum's ORTLatentConsistencyModelPipeline layout: not written yet
+    # diffusers has no ONNX LCM pipeline: optimum's, by the name its class-name lookup matches (the same index as SD's)
+    ONNX_PIPELINE = "ORTLatentConsistencyModelPipeline"
 
     @classmethod
     def check_configs(cls, configs: dict[str, dict], where: str) -> None:
@@ -239,7 +252,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     ADDED = ("text_embeds", "time_ids")
     GUIDANCE = 5.0  # StableDiffusionXLPipeline's default guidance_scale
-    ONNX_PIPELINE = None  # optimum's ORTStableDiffusionXLPipeline layout: not written yet
+    ONNX_PIPELINE = "ORTStableDiffusionXLPipeline"  # diffusers has no ONNX SDXL pipeline: optimum's
+
+    def onnx_index(self) -> dict | None:
+        """StableDiffusionXLPipeline's keys: no safety checker, a second tokenizer, and force_zeros_for_empty_prompt
+        (which optimum's pipeline reads from this index as its config: zeros as the unconditional embedding)."""
+        index = {k: v for k, v in super().onnx_index().items()
+                 if k not in ("safety_checker", "requires_safety_checker")}
+        return {**index, "image_encoder": [None, None],
+                "force_zeros_for_empty_prompt": bool(self.pipe.index.get("force_zeros_for_empty_prompt", True))}
 
     @classmethod
     def check_configs(cls, configs: dict[str, dict], where: str) -> None:
