@@ -95,6 +95,17 @@ PREDICTIONS = {"euler": ("epsilon", "v_prediction", "sample", "original_sample")
                "euler-a": ("epsilon", "v_prediction"), "pndm": ("epsilon", "v_prediction")}
 
 
+def _alphas(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """betas, alphas = 1 - betas and their cumulative product, as every discrete scheduler derives them."""
+    alphas = F32(1.0) - betas
+    return betas, alphas, _cumprod(alphas)
+
+
+def _final_alpha(cfg: dict, alphas_cumprod: np.ndarray):
+    """The cumulative alpha past the last step: 1 with set_alpha_to_one, else the first one (DDIM, PNDM, LCM)."""
+    return F32(1.0) if cfg["set_alpha_to_one"] else alphas_cumprod[0]
+
+
 def _config(cfg: dict, defaults: dict, name: str) -> dict:
     """diffusers' from_config: the scheduler's own keys, its defaults for keys the config lacks, others ignored."""
     out = {k: cfg.get(k, v) for k, v in defaults.items()}
@@ -257,12 +268,9 @@ class DDIM:
         self.config = cfg = _config(config, DDIM_DEFAULTS, self.name)
         if cfg["thresholding"]:
             raise InputError("scheduler: DDIM thresholding is not supported by the runtime")
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
-        self.final_alpha_cumprod = F32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.timesteps = None
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
+        self.final_alpha_cumprod = _final_alpha(cfg, self.alphas_cumprod)
+        self.init_noise_sigma, self.timesteps = 1.0, None
         self.num_inference_steps = None
 
     def set_timesteps(self, steps: int) -> np.ndarray:
@@ -311,9 +319,7 @@ class Euler:
             raise InputError("scheduler: continuous timesteps are not supported by the runtime")
         if sum(bool(cfg[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas")) > 1:
             raise InputError("scheduler: only one of use_karras_sigmas, use_exponential_sigmas can be set")
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         sigmas = (((F32(1) - self.alphas_cumprod) / self.alphas_cumprod) ** F32(0.5))[::-1]
@@ -393,9 +399,7 @@ class EulerAncestral:
 
     def __init__(self, config: dict):
         self.config = cfg = _config(config, EULER_A_DEFAULTS, self.name)
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         self.sigmas = np.concatenate([_train_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(F32)
@@ -451,12 +455,9 @@ class PNDM:
 
     def __init__(self, config: dict):
         self.config = cfg = _config(config, PNDM_DEFAULTS, self.name)
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
-        self.final_alpha_cumprod = F32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.timesteps = None
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
+        self.final_alpha_cumprod = _final_alpha(cfg, self.alphas_cumprod)
+        self.init_noise_sigma, self.timesteps = 1.0, None
         self.prk_timesteps = np.array([], dtype=np.int64)
         self.num_inference_steps = None
         self._reset()
@@ -589,9 +590,7 @@ class DPMSolverMultistep:
         _refuse(cfg, "DPM-Solver", "thresholding", "use_flow_sigmas", "use_dynamic_shifting")
         if sum(bool(cfg[k]) for k in ("use_karras_sigmas", "use_exponential_sigmas")) > 1:
             raise InputError("scheduler: only one of use_karras_sigmas, use_exponential_sigmas can be set")
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         self.lambda_t = np.log(np.sqrt(self.alphas_cumprod)) - np.log(np.sqrt(F32(1) - self.alphas_cumprod))
@@ -793,12 +792,9 @@ class LCM:
         self.config = cfg = _config(config, LCM_DEFAULTS, self.name)
         if cfg["thresholding"]:
             raise InputError("scheduler: LCM thresholding is not supported by the runtime")
-        self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
-        self.final_alpha_cumprod = F32(1.0) if cfg["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        self.timesteps = None
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(_betas(cfg))
+        self.final_alpha_cumprod = _final_alpha(cfg, self.alphas_cumprod)
+        self.init_noise_sigma, self.timesteps = 1.0, None
         self.num_inference_steps = None
 
     def set_timesteps(self, steps: int) -> np.ndarray:
@@ -865,14 +861,13 @@ class DDPM:
         if cfg["trained_betas"] is None and cfg["beta_schedule"] == "sigmoid":
             x = torch_linspace(-6, 6, n)
             betas = F32(1) / (F32(1) + _exp(-x)) * F32(cfg["beta_end"] - cfg["beta_start"]) + F32(cfg["beta_start"])
-            self.betas = _rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
+            betas = _rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
         elif cfg["trained_betas"] is None and cfg["beta_schedule"] == "laplace":
             betas = _betas_for_alpha_bar(n, transform="laplace")
-            self.betas = _rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
+            betas = _rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
         else:
-            self.betas = _betas(cfg)
-        self.alphas = F32(1.0) - self.betas
-        self.alphas_cumprod = _cumprod(self.alphas)
+            betas = _betas(cfg)
+        self.betas, self.alphas, self.alphas_cumprod = _alphas(betas)
         self.one = F32(1.0)
         self.init_noise_sigma = 1.0
         self.timesteps = None
