@@ -229,7 +229,7 @@ def test_out_not_writable(tiny_dir, tmp_path, monkeypatch):
     assert list(parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("filename", [None, "unet/model.onnx.data"])
+@pytest.mark.parametrize("filename", [None, "unet/model.onnx_data"])
 def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, filename):
     """ENOSPC while the UNet's ONNX file is written (after the pruned pipeline is saved): one line, exit 1,
     the staging dir is gone and the previous bundle at --out is byte-for-byte what it was."""
@@ -241,14 +241,14 @@ def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, fil
     def full(model, path, external):
         path.write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device",
-                      str(path.parent / "model.onnx.data") if filename else None)
+                      str(path.parent / "model.onnx_data") if filename else None)
 
     monkeypatch.setattr(onnx_export, "_write_model", full)
     r = invoke("export", "--model", tiny_dir, "--out", out, "--force", "--image-checks", "1", "--image-steps", "2")
     line = one_error(r, 1)
     if filename:
         assert line.startswith("error: disk full while writing ") and line.endswith(
-            "/unet/model.onnx.data: free some space and run again; nothing was published")
+            "/unet/model.onnx_data: free some space and run again; nothing was published")
     else:
         assert line == f"error: disk full while writing {out}: free some space and run again; nothing was published"
     assert (out / "manifest.json").read_bytes() == before

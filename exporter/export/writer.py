@@ -100,15 +100,15 @@ def _data_size(model: onnx.ModelProto, base_dir: Path) -> int:
 
 
 def _write_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write `model` to `path`, tensors inline or in one `path.data` file, streaming one tensor at a time.
+    """Write `model` to `path`, tensors inline or in one `model.onnx_data` file beside it, streaming one tensor at a time.
 
     torch.onnx.export (TorchScript) writes a file per tensor beside the model past 2 GB; onnx.load +
     onnx.save_model would then hold every tensor in memory at once, beside the PyTorch weights. Here each
-    tensor is read from wherever the exporter put it, appended to the .data file (or inlined), and the
+    tensor is read from wherever the exporter put it, appended to the data file (or inlined), and the
     exporter's own files are removed afterwards. The result is deterministic: tensors in graph order.
     """
     root = path.parent
-    data_name = path.name + ".data"
+    data_name = path.name + "_data"  # model.onnx_data: optimum's and diffusers' name
     leftovers = {p for p in root.iterdir() if p != path}
     out = open(root / (data_name + ".partial"), "wb") if external else None
     try:

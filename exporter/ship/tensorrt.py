@@ -422,7 +422,7 @@ def build_engines(bundle_dir: Path, manifest: dict, profile: DeviceProfile, dla:
                 flags = 0 if version >= (10,) else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
                 network = builder.create_network(flags)
                 parser = trt.OnnxParser(network, logger)
-                # parse_from_file, not parse(bytes): it resolves external data (.onnx.data) beside the file.
+                # parse_from_file, not parse(bytes): it resolves external data (model.onnx_data) beside the file.
                 if not parser.parse_from_file(str(bundle_dir / comp["file"])):
                     errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
                     raise InputError(f"TensorRT {trt.__version__} cannot parse {comp['file']}: {errors}")
