@@ -27,33 +27,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKER = '''
-import os, sys
+sys.path.insert(0, str(ROOT / "tests"))
 
-class _Blocked:
-    BLOCKED = ("torch", "diffusers", "transformers", "onnx", "onnxscript")
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            with open(os.environ["BLOCK_LOG"], "a") as f:
-                f.write(name + "\\n")
-            raise ImportError(f"{name} is not installed on this device")
-        return None
-
-sys.meta_path.insert(0, _Blocked())
-'''
+from blocking import blocked_imports  # noqa: E402  (the tests' import blocker: torch, diffusers, transformers, onnx)
 
 
 def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, out: Path, work: Path,
                       python: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    log = work / "blocked.log"
     if python is None:
-        (work / "sitecustomize.py").write_text(BLOCKER)
-        env.update(PYTHONPATH=str(work), BLOCK_LOG=str(log))
-    probe = subprocess.run([python or sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0, "torch is importable in the runtime's environment"
-    log.unlink(missing_ok=True)
+        env, log = blocked_imports(work)
+    else:
+        env, log = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, work / "blocked.log"
+        probe = subprocess.run([python, "-c", "import torch"], env=env, capture_output=True, text=True)
+        assert probe.returncode != 0, "torch is importable in the runtime's environment"
     where, target = (ROOT, str(bundle.resolve())) if python is None else (bundle / "runtime", "..")
     cmd = [python or sys.executable, "-m", "tinyprune.runtime.generate", target, "--steps", str(steps), "--seed", str(seed),
            "--out", str(out.resolve()), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]

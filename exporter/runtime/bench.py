@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError, TinypruneError
-from .generate import BACKENDS, DEFAULT_STEPS, Runtime, make_runner, ort_providers, runtime_components
+from .generate import BACKENDS, DEFAULT_STEPS, Runtime, make_runner, ort_providers, read_json, runtime_components
 from .measure import board, component_feed, cores, cpu_name, interleaved, reset_peak_rss, stats_ms, status_kb
 
 FORMAT = "tinyprune-bench/1"
@@ -34,13 +34,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the dir holding tinyprune/
 
 
 def _manifest(bundle: Path) -> dict:
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{bundle} is not a tinyprune bundle: manifest.json is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from None
+    return read_json(bundle / "manifest.json", "not a tinyprune bundle")
 
 
 def _versions(backend: str) -> dict:

@@ -52,10 +52,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
 
-def _read_json(path: Path) -> dict:
+MISSING_RUNTIME = "this bundle has no runtime files (made by a tinyprune before the runtime covered its family): re-export it"
+
+
+def read_json(path: Path, missing: str = MISSING_RUNTIME) -> dict:
+    """A bundle's JSON file, or one line: `missing` when it is absent, the parse error when it is not JSON."""
     if not path.is_file():
-        raise InputError(f"{path} is missing: this bundle has no runtime files (made by a tinyprune before the "
-                         "runtime covered its family): re-export it")
+        raise InputError(f"{path} is missing: {missing}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -93,12 +96,20 @@ def make_runner(bundle: Path, component: str, backend: str, threads: int = 0) ->
     raise InputError(f"unknown backend {backend!r}; the runtime has: {', '.join(BACKENDS)}")
 
 
+def decoder_of(shapes: dict) -> str | None:
+    """The decoder component (None in pixel space; bundles from before the families always had vae_decoder)."""
+    return shapes.get("decoder", "vae_decoder")
+
+
+def components_of(shapes: dict) -> tuple[str, ...]:
+    """The components a bundle's loop runs, in call order: text encoders, unet, the decoder (if any)."""
+    encoders = shapes.get("conditioning", {}).get("encoders", ())
+    decoder = decoder_of(shapes)
+    return (*(e["component"] for e in encoders), "unet", *((decoder,) if decoder else ()))
+
+
 def runtime_components(bundle: str | Path) -> tuple[str, ...]:
-    """The components the bundle's loop runs, in call order: text encoders, unet, the decoder (if any)."""
-    shapes = _read_json(Path(bundle) / RUNTIME_DIR / SHAPES_FILE)
-    spec = shapes.get("conditioning", {})
-    decoder = shapes.get("decoder", "vae_decoder")
-    return (*(e["component"] for e in spec.get("encoders", ())), "unet", *((decoder,) if decoder else ()))
+    return components_of(read_json(Path(bundle) / RUNTIME_DIR / SHAPES_FILE))
 
 
 class Runtime:
@@ -115,11 +126,11 @@ class Runtime:
         if not self.bundle.is_dir():
             raise InputError(f"bundle {self.bundle} does not exist or is not a directory")
         rt = self.bundle / RUNTIME_DIR
-        self.scheduler_config = _read_json(rt / SCHEDULER_FILE)
-        self.shapes = _read_json(rt / SHAPES_FILE)
+        self.scheduler_config = read_json(rt / SCHEDULER_FILE)
+        self.shapes = read_json(rt / SHAPES_FILE)
         self.conditioning = make_conditioning(self.shapes, rt)
-        self.components = runtime_components(self.bundle)
-        self.decoder = self.components[-1] if self.components[-1] != "unet" else None
+        self.components = components_of(self.shapes)
+        self.decoder = decoder_of(self.shapes)
         self.backend = backend
         given = runners or {}
         self.runners = {c: given[c] if c in given else make_runner(self.bundle, c, backend, threads)
