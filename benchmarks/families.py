@@ -35,6 +35,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from provenance import command_line, relative_paths
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -195,16 +197,9 @@ def main(argv=None) -> int:
         for method in methods:
             runs.append(run_one(family, method, model, work))
 
-    # the results name no path of this machine: the repo root as ".", the work dir as WORK, the out dir as OUT_DIR
-    def rel(text: str) -> str:
-        aliases = [(work, "WORK")] + ([] if out_dir.is_relative_to(ROOT) else [(out_dir, "OUT_DIR")])
-        for path, name in aliases + [(ROOT, ".")]:
-            text = text.replace(str(path) + "/", name + "/").replace(str(path), name)
-        return text
-
-    exe = Path(sys.executable)
-    exe = os.path.relpath(exe, ROOT) if exe.is_relative_to(ROOT) else exe.name
-    command = rel(shlex.join([str(exe), "benchmarks/families.py", *(argv if argv is not None else sys.argv[1:])]))
+    # the results name no path of this machine
+    rel = relative_paths(work, out_dir)
+    command = command_line("benchmarks/families.py", argv, rel)
     header = (f"# tinyprune export on every tiny pipeline family\n\nCommand: `{command}` (from the repo root)\n\n"
               f"Machine: {machine['nproc']} CPUs (nproc), {machine['platform']}, Python {machine['python']}, "
               f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, diffusers {machine['diffusers']}, "

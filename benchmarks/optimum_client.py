@@ -41,6 +41,8 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from provenance import command_line, relative_paths
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLI = ROOT / ".venv" / "bin" / "tinyprune"
@@ -228,16 +230,9 @@ def main(argv=None) -> int:
                "transformers": _version("transformers"), "tinyprune": _version("tinyprune")}
     runs = [run_family(f, args, work) for f in families]
 
-    # the results name no path of this machine: the repo root as ".", the work dir as WORK, the out dir as OUT_DIR
-    def rel(text: str) -> str:
-        aliases = [(work, "WORK")] + ([] if out_dir.is_relative_to(ROOT) else [(out_dir, "OUT_DIR")])
-        for path, name in aliases + [(ROOT, ".")]:
-            text = text.replace(str(path) + "/", name + "/").replace(str(path), name)
-        return text
-
-    exe = Path(sys.executable)
-    exe = os.path.relpath(exe, ROOT) if exe.is_relative_to(ROOT) else exe.name
-    command = rel(shlex.join([str(exe), "benchmarks/optimum_client.py", *(argv if argv is not None else sys.argv[1:])]))
+    # the results name no path of this machine
+    rel = relative_paths(work, out_dir)
+    command = command_line("benchmarks/optimum_client.py", argv, rel)
     ort = next((r["optimum"]["versions"] for r in runs if "versions" in r["optimum"]), {})
     header = (f"# optimum's ORT pipelines on tinyprune bundles\n\nCommand: `{command}` (from the repo root)\n\n"
               f"Machine: {machine['nproc']} CPUs (nproc), {machine['platform']}, Python {machine['python']}.\n"
