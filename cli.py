@@ -121,7 +121,7 @@ MinAccOpt = typer.Option(None, "--min-accuracy", help="gate: class accuracy of p
                          rich_help_panel=GATES)
 JsonOpt = typer.Option(False, "--json", help="print the machine-readable result on stdout", rich_help_panel=OUTPUT)
 ImageChecksOpt = typer.Option(None, "--image-checks", min=0, rich_help_panel=GATES,
-                              help="class labels sampled for the dense-vs-pruned image gate (default: all; 0 skips "
+                              help="conditions sampled for the dense-vs-pruned image gate (default: all; 0 skips "
                                    "the gate, e.g. for Stable-Diffusion-sized models on a CPU)")
 ImageStepsOpt = typer.Option(None, "--image-steps", min=1, help="sampler steps of the image gate (default 20)",
                              rich_help_panel=GATES)
@@ -574,9 +574,7 @@ def generate(
     bundle: Path = typer.Argument(..., help="bundle directory"),
     prompts: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt (text bundles); repeat for several",
                                                 rich_help_panel=INPUT),
-    labels: Optional[list[int]] = typer.Option(None, "--class", "-c", help="class label (the class-conditioned demo); "
-                                               "repeat for several", rich_help_panel=INPUT),
-    num_images: int = typer.Option(1, "--num-images", "-n", help="images per prompt or class (unconditional: in all)",
+    num_images: int = typer.Option(1, "--num-images", "-n", help="images per prompt (unconditional: in all)",
                                    rich_help_panel=INPUT),
     steps: int = typer.Option(20, "--steps", help="denoising steps", rich_help_panel=METHOD),
     seed: int = typer.Option(0, "--seed", help="initial-noise seed (numpy); same seed, same image",
@@ -584,7 +582,7 @@ def generate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | euler | euler-a | pndm | dpm++ | lcm | "
                                             "ddpm (default: the bundle's scheduler config)", rich_help_panel=METHOD),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale, an LCM's "
-                                             "embedded one (default: the family's: 7.5 SD, 5 SDXL, 8.5 LCM, 3 demo)",
+                                             "embedded one (default: the family's: 7.5 SD, 5 SDXL, 8.5 LCM, 3 the demo)",
                                              rich_help_panel=METHOD),
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | trt", rich_help_panel=INPUT),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads (0: its default)",
@@ -596,7 +594,7 @@ def generate(
     from tinyprune.runtime.generate import generate_to_dir
 
     def go(progress):
-        return generate_to_dir(bundle, out_dir, labels, prompts, num_images, steps, seed, scheduler, guidance, backend,
+        return generate_to_dir(bundle, out_dir, prompts, num_images, steps, seed, scheduler, guidance, backend,
                                threads, progress)
 
     def run_with_progress():

@@ -146,6 +146,11 @@ def _components(manifest: dict) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
+def _primary(feed: dict) -> str:
+    """The input a row's shape names: the latents or the token ids (the manifest lists inputs sorted by name)."""
+    return next((n for n in ("sample", "latent_sample", "input_ids") if n in feed), max(feed, key=lambda n: feed[n].size))
+
+
 def component_feed(manifest: dict, component: str, seed: int = 0) -> dict[str, np.ndarray]:
     return _feed(manifest["components"], component, seed)
 
@@ -337,7 +342,7 @@ def bench(bundle: str | Path, backend: str = "ort-cpu", warmup: int = 3, iters: 
 
         for comp in _components(manifest):
             feed = component_feed(manifest, comp)
-            shape = "x".join(map(str, max(feed.values(), key=lambda a: a.size).shape))
+            shape = "x".join(map(str, feed[_primary(feed)].shape))
             log(f"{comp}: {backend}, shape {shape}, {warmup} warm-up + {iters} iterations" +
                 (" (dense and pruned interleaved)" if compare else ""))
 

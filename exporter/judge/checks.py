@@ -261,12 +261,13 @@ class QualityCheck(Check):
 
     def pruned(self, pipe):
         from tinyprune.judge import gates
+        from tinyprune.judge.quality import NUM_DIGITS
 
         if self.dense_q is None:
             return
         o = self.options
         with self.stage("pruned quality samples"):
-            self.pruned_q = gates.draw(pipe, len(self.dense_q.labels) // pipe.family.yardstick_classes())
+            self.pruned_q = gates.draw(pipe, len(self.dense_q.labels) // NUM_DIGITS)
             self.result = gates.judge(self.dense_q, self.pruned_q, o.profile, o.max_fd_ratio, o.min_accuracy)
 
     def write_grid(self, path: Path) -> Path | None:

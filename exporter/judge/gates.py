@@ -1,7 +1,8 @@
 """Quality gates on the digit yardstick: FD ratio to dense, class accuracy, PSNR/SSIM, the sample grid.
 
-The yardstick (judge/quality.py) knows digits: it applies to pipelines whose family adapter reports the
-classifier's classes and whose images are the classifier's size — the shipped demo and pipelines like it.
+The yardstick (judge/quality.py) knows digits: it applies to pipelines whose family adapter can be asked for a
+digit (text-conditioned ones, prompted with the demo's held-out phrasings) and whose RGB images are the classifier's
+size or a whole multiple of it — the shipped demo and pipelines like it.
 For any other pipeline the report says the quality gates were not applied, instead of inventing figures.
 """
 
@@ -28,7 +29,8 @@ DEFAULT_QUALITY_PER_CLASS = 10  # apart from the drift check's seed: the two che
 
 @dataclass(frozen=True)
 class Samples:
-    labels: list[int]
+    labels: list[int]  # the digit each image was asked for
+    conditions: list  # what the pipeline was conditioned on (the prompts)
     images: np.ndarray  # [N, 3, H, W] in [0, 1]
 
 
@@ -99,14 +101,12 @@ def applies(pipe: Pipeline) -> str | None:
     from tinyprune.judge.quality import load_classifier
 
     clf = load_classifier()
-    size = pipe.latent_size * pipe.vae_scale
-    classes = pipe.family.yardstick_classes()
-    if classes is None:
-        return f"a {pipe.family.name} pipeline has no class labels for the digit classifier"
-    if classes != clf.config["num_classes"]:
-        return f"the pipeline has {classes} classes, the digit classifier {clf.config['num_classes']}"
-    if size != clf.config.get("image_size", 32) or pipe.vae.config.out_channels != 3:
-        return f"the pipeline makes {size}x{size} images, the digit classifier reads {clf.config.get('image_size', 32)}"
+    size, side = pipe.latent_size * pipe.vae_scale, int(clf.config.get("image_size", 32))
+    if pipe.family.yardstick_conditions([0]) is None:
+        return f"a {pipe.family.name} pipeline cannot be asked for a digit (the yardstick needs prompts)"
+    channels = pipe.vae.config.out_channels if pipe.vae is not None else pipe.unet.config.out_channels
+    if size % side or channels != 3:
+        return f"the pipeline makes {size}x{size} images, the digit classifier reads {side}x{side} RGB (or multiples)"
     return None
 
 
@@ -120,10 +120,11 @@ def why_skipped(pipe: Pipeline, per_class: int | None, is_demo: bool) -> str | N
 
 
 def draw(pipe: Pipeline, per_class: int, steps: int = 20, seed: int = QUALITY_SEED) -> Samples:
-    from tinyprune.judge.quality import generate
+    """per_class images of every digit, each asked for by one of the demo's held-out phrasings."""
+    from tinyprune.judge.quality import NUM_DIGITS, conditions_for, generate
 
-    labels = list(range(pipe.family.yardstick_classes())) * per_class
-    return Samples(labels, generate(pipe, labels, seed=seed, steps=steps))
+    labels = list(range(NUM_DIGITS)) * per_class
+    return Samples(labels, conditions_for(pipe, labels), generate(pipe, labels, seed=seed, steps=steps))
 
 
 def judge(dense: Samples, pruned: Samples, profile: DeviceProfile, max_fd_ratio: float | None = None,
@@ -147,6 +148,8 @@ def judge(dense: Samples, pruned: Samples, profile: DeviceProfile, max_fd_ratio:
 
 
 def write_grid(dense: Samples, pruned: Samples, path: Path, columns: int = 10) -> Path:
+    """Dense row over pruned row, the prompt under each column."""
     from tinyprune.judge.quality import sample_grid
 
-    return sample_grid(dense.images[:columns], pruned.images[:columns], path)
+    return sample_grid(dense.images[:columns], pruned.images[:columns], path,
+                       captions=[str(c) for c in dense.conditions[:columns]])

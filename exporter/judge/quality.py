@@ -2,10 +2,12 @@
 
 * Fréchet distance (FD) between the penultimate features of a small digit classifier (shipped beside the
   demo pipeline) on generated digits and on the shipped held-out real digits -- FID's recipe with a
-  feature space that fits 32x32 digits instead of Inception.
-* Class accuracy of generated digits against their conditioning label.
-* PSNR and SSIM of pruned against dense images generated from the same labels, seeds and initial noise.
-* A sample grid PNG (dense row on top, pruned row under it) and a sparsity-quality plot for sweeps.
+  feature space that fits 32x32 digits instead of Inception (larger images are area-averaged to 32x32).
+* Class accuracy of generated digits against the digit their prompt asks for (the demo's held-out phrasings,
+  tinyprune/demo/captions.py: prompts the demo never saw in training).
+* PSNR and SSIM of pruned against dense images generated from the same prompts, seeds and initial noise.
+* A sample grid PNG (dense row on top, pruned row under it, the prompt under each column) and a
+  sparsity-quality plot for sweeps.
 
 Everything is deterministic: same inputs, same figures. Torch is needed for the classifier only; the
 image metrics work on numpy arrays.
@@ -28,6 +30,7 @@ CLASSIFIER_CONFIG = "config.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
 EVAL_DATA = "digits_eval.npz"
 DEFAULT_N_PER_CLASS = 20
+NUM_DIGITS = 10
 DEFAULT_BATCH = 100
 
 
@@ -129,11 +132,25 @@ def _batches(images: np.ndarray, batch: int):
         yield images[i:i + batch]
 
 
+def classifier_input(classifier, images) -> np.ndarray:
+    """Images [B, 3, H, W] in [0, 1] at the classifier's size: area-averaged by H / size (a whole multiple)."""
+    images = _as_numpy(images)
+    size = int(classifier.config.get("image_size", 32))
+    h = images.shape[-1]
+    if h == size:
+        return images
+    if h % size or images.shape[-2] != h:
+        raise InputError(f"the digit classifier reads {size}x{size} images (or square whole multiples), "
+                         f"not {images.shape[-2]}x{h}")
+    f = h // size
+    return images.reshape(*images.shape[:-2], size, f, size, f).mean(axis=(-3, -1), dtype=np.float64).astype(np.float32)
+
+
 def features(classifier, images, batch: int = 256) -> np.ndarray:
-    """Penultimate classifier features, float64 [B, feat_dim], of images [B, 3, 32, 32] in [0, 1]."""
+    """Penultimate classifier features, float64 [B, feat_dim], of images [B, 3, H, W] in [0, 1]."""
     import torch
 
-    images = _as_numpy(images)
+    images = classifier_input(classifier, images)
     with torch.inference_mode():
         out = [classifier.features(torch.from_numpy(np.ascontiguousarray(b))).double().numpy()
                for b in _batches(images, batch)]
@@ -143,7 +160,7 @@ def features(classifier, images, batch: int = 256) -> np.ndarray:
 def predict(classifier, images, batch: int = 256) -> np.ndarray:
     import torch
 
-    images = _as_numpy(images)
+    images = classifier_input(classifier, images)
     with torch.inference_mode():
         out = [classifier(torch.from_numpy(np.ascontiguousarray(b))).argmax(1).numpy() for b in _batches(images, batch)]
     return np.concatenate(out) if out else np.zeros((0,), dtype=np.int64)
@@ -230,29 +247,53 @@ def _to_uint8_hwc(images) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def sample_grid(dense_images, pruned_images, path: str | Path, scale: int = 2, pad: int = 2) -> Path:
-    """PNG with the dense images in the top row and the pruned ones (same seeds and labels) under them.
+CAPTION_HEIGHT = 24  # two lines of PIL's default bitmap font under each column
+
+
+def sample_grid(dense_images, pruned_images, path: str | Path, scale: int = 2, pad: int = 2,
+                captions: list[str] | None = None) -> Path:
+    """PNG with the dense images in the top row and the pruned ones (same seeds and prompts) under them, and each
+    column's caption (its prompt) under the two rows when given.
 
     Images are [N, 3, H, W] in [0, 1], upscaled `scale` times (nearest) with `pad` white pixels around each
-    tile: the PNG is N*(W*scale) + (N+1)*pad wide and 2*(H*scale) + 3*pad high.
+    tile: the PNG is N*(W*scale) + (N+1)*pad wide and 2*(H*scale) + 3*pad high (+ CAPTION_HEIGHT with captions).
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     rows = [_to_uint8_hwc(dense_images), _to_uint8_hwc(pruned_images)]
     if rows[0].shape != rows[1].shape:
         raise ValueError(f"dense and pruned image sets differ in shape: {rows[0].shape} vs {rows[1].shape}")
     n, h, w, _ = rows[0].shape
     th, tw = h * scale, w * scale
-    canvas = np.full((2 * th + 3 * pad, n * tw + (n + 1) * pad, 3), 255, np.uint8)
+    extra = CAPTION_HEIGHT if captions else 0
+    canvas = np.full((2 * th + 3 * pad + extra, n * tw + (n + 1) * pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for i, img in enumerate(row):
             tile = img.repeat(scale, 0).repeat(scale, 1)
             y, x = pad + r * (th + pad), pad + i * (tw + pad)
             canvas[y:y + th, x:x + tw] = tile
+    image = Image.fromarray(canvas)
+    if captions:
+        draw = ImageDraw.Draw(image)
+        for i, text in enumerate(captions[:n]):
+            x, y = pad + i * (tw + pad), 2 * th + 3 * pad
+            for k, line in enumerate(_wrap(draw, text, tw)[:2]):
+                draw.text((x, y + 11 * k), line, fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path, format="PNG")
+    image.save(path, format="PNG")
     return path
+
+
+def _wrap(draw, text: str, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word wider than that stands alone on its line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def sweep_plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -303,9 +344,19 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str | None = None) -> 
 
 # --------------------------------------------------------------------------- end to end
 
+def conditions_for(pipe, labels: list[int]) -> list:
+    """What the pipeline is conditioned on to draw each digit of `labels`: its family's yardstick conditions (the
+    demo's held-out phrasings for text pipelines)."""
+    conditions = pipe.family.yardstick_conditions(list(labels))
+    if conditions is None:
+        raise InputError(f"a {pipe.family.name} pipeline cannot be asked for a digit: the digit yardstick needs "
+                         "a text-conditioned pipeline")
+    return conditions
+
+
 def generate(pipe, labels: list[int], seed: int = 0, steps: int = 20, batch: int = DEFAULT_BATCH,
              guidance: float | None = None) -> np.ndarray:
-    """Images [N, 3, 32, 32] in [0, 1] through tinyprune.model.sampling.sample, in batches.
+    """Images [N, 3, H, W] in [0, 1] of the digits `labels`, through tinyprune.model.sampling.sample, in batches.
 
     Batch k uses seed + k for its initial noise, so two pipelines given the same labels, seed and batch
     start from the same noise.
@@ -313,7 +364,8 @@ def generate(pipe, labels: list[int], seed: int = 0, steps: int = 20, batch: int
     from tinyprune.model.sampling import DEFAULT_GUIDANCE, sample
 
     g = DEFAULT_GUIDANCE if guidance is None else guidance
-    out = [sample(pipe, labels[i:i + batch], seed=seed + k, steps=steps, guidance=g).numpy()
+    conditions = conditions_for(pipe, labels)
+    out = [sample(pipe, conditions[i:i + batch], seed=seed + k, steps=steps, guidance=g).numpy()
            for k, i in enumerate(range(0, len(labels), batch))]
     return np.concatenate(out)
 
@@ -323,7 +375,7 @@ def evaluate(pipe_dense, pipe_pruned, n_per_class: int = DEFAULT_N_PER_CLASS, se
              real_features: np.ndarray | None = None) -> dict:
     """Quality of the pruned pipeline against the dense one, both sampled on the same labels and noise.
 
-    Labels are 0..9 repeated `n_per_class` times; FD is against the shipped held-out real digits in the
+    Labels are 0..9 repeated `n_per_class` times, each drawn from a held-out phrasing; FD is against the shipped held-out real digits in the
     shipped classifier's feature space (`classifier` and `real_features` override both). `pipe_pruned=None`
     measures the dense pipeline alone.
     Returns {"n_samples", "seed", "steps", "dense": {"fd", "accuracy"}, "pruned": {"fd", "accuracy"},

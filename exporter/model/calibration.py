@@ -1,9 +1,9 @@
 """Calibration batches (x_t, t, cond, noise) for data-driven importance scores and recovery.
 
-Two sources: a folder of images encoded by the pipeline's own VAE (with captions for text families, class
-sub-folders for the class-conditioned demo), or -- when the training data is not at hand -- data-free, from the
-dense model's own samples for the family's calibration conditions (calibration/prompts.txt for text families,
-calibration/classes.json for the demo, noise alone for unconditional ones). Timesteps are stratified over the
+Two sources: a folder of images encoded by the pipeline's own VAE (with captions for text families), or -- when
+the training data is not at hand -- data-free, from the dense model's own samples for the family's calibration
+conditions (the pipeline's own prompts.txt or calibration/prompts.txt for text families, noise alone for
+unconditional ones). Timesteps are stratified over the
 training range so every batch covers early and late denoising.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +60,6 @@ class CalibrationSet:
         return out
 
 
-def default_classes() -> list[int]:
-    data = json.loads(resources.files("tinyprune.calibration_data").joinpath("classes.json").read_text())
-    return list(data["classes"])
-
-
 def from_samples(pipe: Pipeline, conditions: list | None = None, seed: int = 0, steps: int = 20) -> CalibrationSet:
     """Data-free: the dense model's own samples, one per condition (default: the family's calibration set)."""
     conditions = pipe.family.calibration_conditions() if conditions is None else list(conditions)
@@ -98,8 +92,7 @@ def captions(folder: Path) -> dict[Path, str]:
 
 def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> CalibrationSet:
     """Images of a folder through the VAE encoder, each with the family's condition for it: its caption (text
-    families; metadata.jsonl or a same-stem .txt, "" when it has none), its class sub-folder (the demo; other
-    images are unconditional), nothing (unconditional families)."""
+    families; metadata.jsonl or a same-stem .txt, "" when it has none), nothing (unconditional families)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -116,8 +109,7 @@ def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> Calibra
         except OSError as e:
             raise InputError(f"calibration image {p} could not be read ({e})") from None
         images.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-        conditions.append(family.image_condition(p.parent.name if p.parent != folder else None,
-                                                 texts.get(p.resolve())))
+        conditions.append(family.image_condition(texts.get(p.resolve())))
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     with torch.no_grad():
         latents = torch.cat([family.encode_images(x[i:i + 32]) for i in range(0, len(x), 32)])

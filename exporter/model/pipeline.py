@@ -2,7 +2,7 @@
 
 A pipeline dir is diffusers' layout: model_index.json, unet/, scheduler/, and what its family adapter
 (model/families/) names: the latent codec (vae/ or vqvae/, none in pixel space) and the conditioning parts (text
-encoders and tokenizers, or the demo's class embedder). Every component is loaded with diffusers' and
+encoders and tokenizers). Every component is loaded with diffusers' and
 transformers' own `from_pretrained(use_safetensors=True)` from the local dir; pickle weights are refused before
 anything is read, and parts that cannot work together (a text encoder of the wrong width) are refused from their
 config.json before any weight is. The scheduler is loaded as the class its config names, so a bundle records
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from tinyprune.errors import InputError, TinypruneError
 from tinyprune.model.families import Family, family_for
-from tinyprune.model.families.class_label import ClassEmbedder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler",
@@ -34,7 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer's file, o
 @dataclass
 class Pipeline:
     """A loaded pipeline: the denoiser, its scheduler, the latent codec (None in pixel space) and the family's
-    conditioning parts by component name (text_encoder, tokenizer, ..., or class_embedder)."""
+    conditioning parts by component name (text_encoder, tokenizer, ...)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module | None
@@ -75,7 +74,7 @@ class Pipeline:
 
     @property
     def conditioner(self):
-        """The first conditioning part (the class embedder, the first text encoder); None when unconditional."""
+        """The first conditioning part (the first text encoder); None when unconditional."""
         return next((m for m in self.parts.values() if isinstance(m, torch.nn.Module)), None)
 
     def models(self) -> dict[str, torch.nn.Module]:
@@ -246,6 +245,10 @@ def save_pipeline(pipe: Pipeline, out: Path) -> None:
         else:
             part.save_pretrained(out / name)
     pipe.scheduler.save_pretrained(out / "scheduler")
+    from tinyprune.model.families.text import PROMPTS_FILE
+
+    if pipe.root is not None and (pipe.root / PROMPTS_FILE).is_file():  # the pipeline's own prompts travel with it
+        shutil.copyfile(pipe.root / PROMPTS_FILE, out / PROMPTS_FILE)
     kept = {"unet", "scheduler", family.VAE, *pipe.parts}
     index = {k: (v if k.startswith("_") or k in kept or not isinstance(v, list) else [None, None])
              for k, v in pipe.index.items()}
@@ -266,30 +269,3 @@ def tree_sha256(root: Path) -> str:
 def demo_dir() -> Path:
     return Path(str(resources.files("tinyprune.demo").joinpath("pipeline")))
 
-
-INDEX = {
-    "_class_name": "TinypruneClassPipeline",
-    "_diffusers_version": "0.42.1",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "class_embedder": ["tinyprune.model.families.class_label", "ClassEmbedder"],
-}
-
-
-def tiny_pipeline(seed: int = 0, cross_dim: int = 32) -> Pipeline:
-    """A small pipeline of real diffusers components, random weights, 32x32 images and 8x8x4 latents."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, sample_size=32,
-    )
-    conditioner = ClassEmbedder(num_classes=10, embed_dim=cross_dim)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    return Pipeline(unet, vae, scheduler, {"class_embedder": conditioner}, dict(INDEX)).eval()

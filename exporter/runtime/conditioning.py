@@ -1,8 +1,6 @@
 """What the runtime conditions the UNet with, per family, from runtime/shapes.json's "conditioning" entry.
 
-    class   the demo: a label's row of conditioning.npz's table is the cross-attention context; the null class
-            is the unconditional side of classifier-free guidance
-    text    Stable Diffusion, SDXL, LCM: prompts tokenized with the `tokenizers` library on the bundle's
+    text    the demo, Stable Diffusion, SDXL, LCM: prompts tokenized with the `tokenizers` library on the bundle's
             runtime/<tokenizer>.json (padding and truncation to the encoder's length are inside that file), run
             through the bundle's text encoder(s); SDXL concatenates the penultimate hidden states of both and
             adds the second's pooled `text_embeds` and `time_ids`; the unconditional side is the empty prompt
@@ -23,7 +21,6 @@ import numpy as np
 
 from .errors import BackendMissing, InputError
 
-CONDITIONING_FILE = "conditioning.npz"
 DEFAULT_GUIDANCE = 3.0  # tinyprune.model.sampling's, which the export's runtime check compares against
 
 
@@ -38,7 +35,7 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 
 class Conditioning:
     """One family's conditioning. components: the bundle components it runs (text encoders); condition_kind:
-    what a condition is ("class", "prompt", "none"); guided: whether the loop pairs it with uncond()."""
+    what a condition is ("prompt", "none"); guided: whether the loop pairs it with uncond()."""
 
     components: tuple[str, ...] = ()
     condition_kind = "none"
@@ -71,46 +68,6 @@ class Conditioning:
 
 class Unconditional(Conditioning):
     pass
-
-
-class ClassLabels(Conditioning):
-    condition_kind = "class"
-    guided = True
-
-    def __init__(self, spec: dict, runtime_dir: Path):
-        super().__init__(spec, runtime_dir)
-        path = runtime_dir / CONDITIONING_FILE
-        if not path.is_file():
-            raise InputError(f"{path} is missing: this bundle's runtime files are incomplete, re-export it")
-        with np.load(path, allow_pickle=False) as cond:
-            self.table = cond["table"].astype(np.float32)
-            self.seq_len, self.embed_dim = int(cond["seq_len"]), int(cond["embed_dim"])
-            self.null_class = int(cond["null_class"])
-        self.num_classes = self.null_class
-
-    def check(self, conditions: list) -> list:
-        if not conditions:
-            raise InputError("give at least one class label (--class N)")
-        bad = [c for c in conditions if not (isinstance(c, (int, np.integer)) and 0 <= c < self.num_classes)]
-        if bad:
-            raise InputError(f"class {bad[0]} is out of range: this model has classes 0..{self.num_classes - 1}")
-        return [int(c) for c in conditions]
-
-    def example(self, n: int) -> list:
-        return [i % self.num_classes for i in range(n)]
-
-    def _context(self, ids: list[int]) -> dict[str, np.ndarray]:
-        rows = self.table[np.asarray(ids, dtype=np.int64)]
-        return {"encoder_hidden_states": rows.reshape(len(ids), self.seq_len, self.embed_dim)}
-
-    def cond(self, conditions: list, guidance: float) -> dict[str, np.ndarray]:
-        return self._context(conditions)
-
-    def uncond(self, batch: int) -> dict[str, np.ndarray]:
-        return self._context([self.null_class] * batch)
-
-    def describe(self, condition) -> str:
-        return f"class{condition}"
 
 
 class Prompts(Conditioning):
@@ -190,11 +147,14 @@ class Prompts(Conditioning):
         return "-".join(w for w in words.split("-") if w)[:40] or "empty"
 
 
-KINDS = {"class": ClassLabels, "text": Prompts, "none": Unconditional}
+KINDS = {"text": Prompts, "none": Unconditional}
 
 
 def make_conditioning(shapes: dict, runtime_dir: Path) -> Conditioning:
-    spec = shapes.get("conditioning", {"kind": "class"})  # bundles from before the families carried none
+    spec = shapes.get("conditioning")
+    if spec is None:  # the class-conditioned demo's bundles, from before the families
+        raise InputError(f"{runtime_dir}: this bundle is of the retired class-conditioned demo: re-export it with "
+                         "this tinyprune")
     kind = spec.get("kind")
     if kind not in KINDS:
         raise InputError(f"{runtime_dir}: conditioning {kind!r} is not one this runtime knows ({', '.join(KINDS)}): "

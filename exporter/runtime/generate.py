@@ -2,7 +2,7 @@
 
 What it needs from the bundle: the ONNX files of unet/, vae_decoder/ (none in pixel space) and the text
 encoders a text family conditions with (or build/<component>.engine for TensorRT), and runtime/
-(scheduler_config.json, shapes.json with the family's "conditioning" entry, conditioning.npz or the tokenizers'
+(scheduler_config.json, shapes.json with the family's "conditioning" entry, the tokenizers'
 JSON; see ship/runtime_files.py and conditioning.py). It reproduces tinyprune.model.sampling.sample: the same
 initial noise from numpy's generator, the family's conditioning with classifier-free guidance where it guides
 (UNet batch [uncond, cond]), the bundle's scheduler (or --scheduler), VAE decode (latents / scaling_factor into
@@ -13,7 +13,6 @@ Imports numpy and onnxruntime only (tokenizers for prompts, pillow to write PNGs
 --backend trt); never torch, transformers or diffusers, so it runs on a device that has none of them:
 
     python -m tinyprune.runtime BUNDLE --prompt "a red bicycle" --steps 20 --seed 0 --out imgs
-    python -m tinyprune.runtime BUNDLE --class 3            (the class-conditioned demo)
     python -m tinyprune.runtime BUNDLE --num-images 4        (unconditional families)
     python -m tinyprune.runtime bench BUNDLE --out bench.json
 
@@ -115,7 +114,7 @@ def runtime_components(bundle: str | Path) -> tuple[str, ...]:
 class Runtime:
     """Loads a bundle's runtime files; with it (a context manager), generate(conditions, ...) -> images [B, 3, H, W].
 
-    conditions: class labels, prompts or None placeholders, as the bundle's conditioning takes them (see
+    conditions: prompts or None placeholders, as the bundle's conditioning takes them (see
     conditions()). runners: {component: Runner} to use instead of the backend's own (bench passes PyTorch runners
     this way, so every backend is timed through this same loop).
     """
@@ -161,20 +160,16 @@ class Runtime:
         for r in self.runners.values():
             r.deactivate()
 
-    def conditions(self, labels: list[int] | None = None, prompts: list[str] | None = None,
-                   num_images: int = 1) -> list:
-        """The conditions of one command line: labels or prompts, whichever the bundle takes, each num_images
-        times; num_images placeholders for an unconditional bundle."""
+    def conditions(self, prompts: list[str] | None = None, num_images: int = 1) -> list:
+        """The conditions of one command line: the prompts, each num_images times, for a bundle that takes them;
+        num_images placeholders for an unconditional bundle."""
         if num_images < 1:
             raise InputError(f"--num-images must be >= 1, got {num_images}")
         kind = self.conditioning.condition_kind
-        given = {"class": labels, "prompt": prompts}
-        wrong = [k for k, v in given.items() if v and k != kind]
-        if wrong:
-            want = {"class": "--class N", "prompt": '--prompt "..."', "none": "--num-images N only"}[kind]
-            raise InputError(f"this bundle's model is {self.shapes.get('family', kind)}, it takes {want}, "
-                             f"not --{wrong[0]}")
-        base = given.get(kind) or ([None] if kind == "none" else [])
+        if prompts and kind != "prompt":
+            raise InputError(f"this bundle's model is {self.shapes.get('family', kind)}, it takes --num-images N "
+                             "only, not --prompt")
+        base = prompts or ([None] if kind == "none" else [])
         return self.conditioning.check([c for c in base for _ in range(num_images)])
 
     def denoise(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
@@ -245,8 +240,8 @@ def save_pngs(images: np.ndarray, names: list[str], seed: int, out: Path) -> lis
     return files
 
 
-def generate_to_dir(bundle: str | Path, out: str | Path, labels: list[int] | None = None,
-                    prompts: list[str] | None = None, num_images: int = 1, steps: int = DEFAULT_STEPS, seed: int = 0,
+def generate_to_dir(bundle: str | Path, out: str | Path, prompts: list[str] | None = None, num_images: int = 1,
+                    steps: int = DEFAULT_STEPS, seed: int = 0,
                     scheduler: str | None = None, guidance: float | None = None, backend: str = "ort-cpu",
                     threads: int = 0, progress=None, save_npy: bool = False) -> dict:
     """`tinyprune generate` / `python -m tinyprune.runtime`: PNGs (and images.npy if asked) in `out`."""
@@ -256,7 +251,7 @@ def generate_to_dir(bundle: str | Path, out: str | Path, labels: list[int] | Non
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
     rt = Runtime(bundle, backend, threads)
-    conditions = rt.conditions(labels, prompts, num_images)
+    conditions = rt.conditions(prompts, num_images)
     sched = make_scheduler(rt.scheduler_config, scheduler)
     guidance = rt.conditioning.default_guidance if guidance is None else guidance
     t0 = time.perf_counter()
@@ -304,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "(`python -m tinyprune.runtime bench BUNDLE` times it).")
     add_generation_options(p)
     p.add_argument("--prompt", dest="prompts", action="append", help="prompt (text bundles); repeat for several")
-    p.add_argument("--class", dest="labels", type=int, action="append",
-                   help="class label (the class-conditioned demo); repeat for several")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt or class (unconditional: in all)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (unconditional: in all)")
     p.add_argument("--out", default="images", help="output directory for the PNGs")
     p.add_argument("--npy", action="store_true", help="also write the float images as images.npy")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
@@ -317,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {done}/{total}", file=sys.stderr, flush=True)
 
     try:
-        r = generate_to_dir(args.bundle, args.out, args.labels, args.prompts, args.num_images, args.steps, args.seed,
+        r = generate_to_dir(args.bundle, args.out, args.prompts, args.num_images, args.steps, args.seed,
                             args.scheduler, args.guidance, args.backend, args.threads, progress, args.npy)
     except TinypruneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,6 @@ runtime/
   shapes.json             latent channels and size, VAE scale and scaling factor, image size and channels, the
                           decoder component (null in pixel space), and "conditioning": how the family conditions
                           the UNet (runtime/conditioning.py reads it)
-  conditioning.npz        the class-conditioned demo: the class embedding table
   tokenizer.json [tokenizer_2.json]   text families: the tokenizers as `tokenizers` JSON, padding and truncation
                           to the text encoder's length set inside
   README.md               the exact commands that run the bundle on a device
@@ -13,18 +12,13 @@ runtime/
                           itself), so that `cd BUNDLE/runtime && python -m tinyprune.runtime ..` works without
                           tinyprune installed
 
-Every file is written byte-for-byte deterministically (the npz with a fixed zip timestamp), so that the same
-inputs still give identical bundles.
+Every file is written byte-for-byte deterministically, so that the same inputs still give identical bundles.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
-
-import numpy as np
 
 from tinyprune import __version__
 import tinyprune.runtime as _runtime_package
@@ -58,25 +52,10 @@ Files: `runtime/scheduler_config.json`, `runtime/shapes.json`{files}; code in `r
 """
 
 CONDITIONING_NOTES = {
-    "class": ("--class 3", "Repeat `--class` for more images, `--num-images N` for N per class.",
-              "class conditioning from `conditioning.npz` (the row after the last class is the null class for "
-              "classifier-free guidance; the UNet runs on the batch [uncond, cond])"),
     "text": ('--prompt "a red bicycle"', "Repeat `--prompt` for more images, `--num-images N` for N per prompt.",
              "the prompt tokenized with `tokenizers` on {tokenizers} and encoded by {encoders}{guided}"),
     "none": ("--num-images 1", "`--num-images N` for N images.", "no conditioning (sample and timestep only)"),
 }
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """np.savez's format with a fixed timestamp (np.savez stamps the current time into the zip)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            data = io.BytesIO()
-            np.lib.format.write_array(data, np.asarray(arr), allow_pickle=False)
-            zf.writestr(info, data.getvalue())
-    return buf.getvalue()
 
 
 def runtime_shapes(pipe, conditioning: dict) -> dict:
@@ -106,10 +85,10 @@ def _readme(shapes: dict, sched: dict, default: str) -> str:
         note = note.format(tokenizers=", ".join(f"`runtime/{e['tokenizer']}`" for e in encoders),
                            encoders=", ".join(f"`{e['component']}/model.onnx` (`{e['context']}`)" for e in encoders),
                            guided=guided)
-    name = {"class": "class3", "text": "a-red-bicycle", "none": "sample"}[spec["kind"]]
+    name = {"text": "a-red-bicycle", "none": "sample"}[spec["kind"]]
     decode = (f"`vae_decoder/model.onnx` on `latents / {shapes['scaling_factor']}` and `image / 2 + 0.5`"
               if shapes["decoder"] else "`image / 2 + 0.5` (pixel space: the latents are the image)")
-    files = {"class": ", `runtime/conditioning.npz`", "none": ""}.get(
+    files = {"none": ""}.get(
         spec["kind"], "".join(f", `runtime/{e['tokenizer']}`" for e in spec.get("encoders", ())))
     return README.format(
         bundle="BUNDLE", needs=", tokenizers" if text else "", pip=" tokenizers" if text else "", example=example,
@@ -130,7 +109,7 @@ def write_runtime_dir(pipe, root: Path) -> Path:
     (rt / SCHEDULER_FILE).write_text(json.dumps(sched, indent=2, sort_keys=True) + "\n")
     conditioning, files = pipe.family.runtime_conditioning()
     for name, content in files.items():
-        (rt / name).write_bytes(_npz_bytes(content) if name.endswith(".npz") else content.encode())
+        (rt / name).write_text(content)
     shapes = runtime_shapes(pipe, conditioning)
     (rt / SHAPES_FILE).write_text(json.dumps(shapes, indent=2, sort_keys=True) + "\n")
     (rt / "README.md").write_text(_readme(shapes, sched, make_scheduler(sched).name))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from tinyprune.judge import gates as quality_gate
+from tinyprune.judge.quality import NUM_DIGITS
 from tinyprune.ship.bundle import check_out_dir, staged, write_json
 from tinyprune.config import PruneSpec, load_profile, parse_sparsity
 from tinyprune.errors import InputError
@@ -38,7 +39,7 @@ def sweep(model: str | None, sparsities: str, method: str = "magnitude", pattern
     why_not = quality_gate.applies(dense)
     if why_not:
         raise InputError(f"sweep scores with the digit yardstick, which does not fit {model_dir}: {why_not}")
-    log(f"dense samples ({per_class * dense.family.yardstick_classes()})")
+    log(f"dense samples ({per_class * NUM_DIGITS})")
     dense_q = quality_gate.draw(dense, per_class, seed=seed)
     rows = []
     for spec in specs:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from tinyprune.errors import InputError
 from tinyprune.model.families.base import ComponentIO, Cond, Family, cat_cond, flat_cond, repeat_cond, take_cond
-from tinyprune.model.families.class_label import ClassLabelFamily
 from tinyprune.model.families.text import LatentConsistencyFamily, StableDiffusionFamily, StableDiffusionXLFamily
 from tinyprune.model.families.unconditional import DDPMFamily, LDMFamily
 
 FAMILIES: tuple[type[Family], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, LatentConsistencyFamily,
-                                      DDPMFamily, LDMFamily, ClassLabelFamily)
+                                      DDPMFamily, LDMFamily)
 
 
 def family_for(index: dict, where: str) -> type[Family]:

@@ -160,8 +160,8 @@ class Family:
         """The conditions data-free calibration samples the dense model for."""
         raise NotImplementedError
 
-    def image_condition(self, class_dir: str | None, caption: str | None):
-        """The condition of a calibration image: its class sub-folder's name and its caption (None: absent)."""
+    def image_condition(self, caption: str | None):
+        """The condition of a calibration image from its caption (None: it has none)."""
         raise NotImplementedError
 
     def condition(self, conditions: list, size: int | None = None) -> Cond:
@@ -205,11 +205,12 @@ class Family:
         is none yet)."""
         return None
 
-    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, str]]:
         """How the torch-free runtime conditions the UNet (runtime/conditioning.py): shapes.json's "conditioning"
-        entry, and the files it reads from runtime/ (name -> {array name: array} for an .npz, str for text)."""
+        entry, and the text files it reads from runtime/ (name -> content)."""
         raise NotImplementedError
 
-    def yardstick_classes(self) -> int | None:
-        """Classes the digit yardstick scores (class accuracy, FD per class), or None when it does not apply."""
+    def yardstick_conditions(self, digits: list[int]) -> list | None:
+        """The conditions that ask this pipeline for each digit of `digits` (the digit yardstick's class accuracy
+        and FD), or None when the family cannot be asked for a digit."""
         return None

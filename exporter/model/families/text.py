@@ -88,7 +88,17 @@ class StableDiffusionFamily(Family):
     # ---- prompts
     @cached_property
     def prompts(self) -> list[str]:
+        """The pipeline's own prompts.txt (one per line, beside model_index.json: the demo's training captions)
+        when it has one, else calibration/prompts.txt."""
+        own = self.pipe.root / PROMPTS_FILE if self.pipe.root is not None else None
+        if own is not None and own.is_file():
+            return [line.strip() for line in own.read_text(encoding="utf-8").splitlines() if line.strip()]
         return shipped_prompts()
+
+    def yardstick_conditions(self, digits: list[int]) -> list[str]:
+        from tinyprune.demo.captions import heldout_prompts
+
+        return heldout_prompts(digits)
 
     def check_conditions(self, n: int | None = None) -> list[str]:
         return self.prompts[: self.CHECK_CONDITIONS if n is None else n]
@@ -96,7 +106,7 @@ class StableDiffusionFamily(Family):
     def calibration_conditions(self) -> list[str]:
         return self.prompts[::3][:CALIBRATION_PROMPTS]
 
-    def image_condition(self, class_dir: str | None, caption: str | None) -> str:
+    def image_condition(self, caption: str | None) -> str:
         return caption or ""
 
     def tokens(self, tokenizer_name: str, prompts: list[str]) -> torch.Tensor:
@@ -161,7 +171,7 @@ class StableDiffusionFamily(Family):
         """Which text encoder outputs the runtime's UNet context takes (and the pooled one, where added)."""
         return {"context": "last_hidden_state", "pooled": None}
 
-    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, str]]:
         files, encoders = {}, []
         for enc, tok in self.ENCODERS:
             files[f"{tok}.json"] = self.tokenizer_json(tok)
@@ -238,7 +248,7 @@ class LatentConsistencyFamily(StableDiffusionFamily):
     def unet_inputs(self) -> dict[str, tuple[int, ...]]:
         return {**super().unet_inputs(), "timestep_cond": (int(self.pipe.unet.config.time_cond_proj_dim),)}
 
-    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, str]]:
         spec, files = super().runtime_conditioning()
         return {**spec, "timestep_cond_dim": int(self.pipe.unet.config.time_cond_proj_dim)}, files
 
@@ -307,7 +317,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         penultimate = int(self.pipe.parts[name].config.num_hidden_layers) - 1  # hidden_states[-2] of n + 1
         return {"context": f"hidden_states.{penultimate}", "pooled": "text_embeds" if name == "text_encoder_2" else None}
 
-    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, str]]:
         spec, files = super().runtime_conditioning()
         zeros = self.pipe.index.get("force_zeros_for_empty_prompt", True)
         return {**spec, "null": "zeros" if zeros else "empty", "time_ids": self.time_ids(1)[0].tolist()}, files

@@ -23,7 +23,7 @@ class UnconditionalFamily(Family):
     def calibration_conditions(self) -> list[None]:
         return [None] * CALIBRATION_SAMPLES
 
-    def image_condition(self, class_dir: str | None, caption: str | None) -> None:
+    def image_condition(self, caption: str | None) -> None:
         return None
 
     def condition(self, conditions: list, size: int | None = None) -> Cond:
@@ -36,7 +36,7 @@ class UnconditionalFamily(Family):
     def context_tokens(self) -> int:
         return 0
 
-    def runtime_conditioning(self) -> tuple[dict, dict[str, object]]:
+    def runtime_conditioning(self) -> tuple[dict, dict[str, str]]:
         return {"kind": "none"}, {}
 
     def components(self) -> tuple[ComponentIO, ...]:
