@@ -38,11 +38,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A small pipeline of real diffusers components saved in diffusers layout (fixed seed)."""
-    from tinyprune.model.pipeline import save_pipeline, tiny_pipeline
+    """A small Stable Diffusion pipeline of real diffusers components saved in diffusers layout (fixed seed)."""
+    from pipelines import tiny
+
+    from tinyprune.model.pipeline import save_pipeline
 
     path = tmp_path_factory.mktemp("tiny") / "pipe"
-    save_pipeline(tiny_pipeline(seed=0), path)
+    save_pipeline(tiny(seed=0), path)
     return path
 
 

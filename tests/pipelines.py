@@ -3,6 +3,7 @@ diffusers' own dummy components, norm groups of 8 so that structured pruning has
 the pipeline class's own save_pretrained; the CLIP tokenizer is built from a byte-level vocabulary written here.
 
     save(name, dir) -> dir      name: one of FAMILIES
+    tiny(seed) -> Pipeline      tinyprune's loaded form of a small SD pipeline (the unit tests' model)
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ def tokenizer(work: Path, max_length: int = 77):
     return CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"), model_max_length=max_length)
 
 
-def text_encoder(projection: bool = False, vocab: int = 1000, layers: int = 3):
+def text_encoder(projection: bool = False, vocab: int = 1000, layers: int = 3, width: int = CONTEXT):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=CONTEXT, intermediate_size=64,
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=width, intermediate_size=64,
                          layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=layers, pad_token_id=1,
-                         vocab_size=vocab, projection_dim=CONTEXT)
+                         vocab_size=vocab, projection_dim=width)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
@@ -128,3 +129,37 @@ def save(name: str, out: Path, seed: int = 0) -> Path:
     out = Path(out)
     build(name, out.parent / f".{out.name}-work", seed).save_pretrained(out, safe_serialization=True)
     return out
+
+
+SD_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def tiny(seed: int = 0, cross_dim: int = CONTEXT):
+    """A small Stable Diffusion pipeline in tinyprune's loaded form (random weights): 32x32 images, 8x8x4 latents,
+    DDIM; the UNet and VAE are built first from the seed, so their weights do not depend on the text side."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from tinyprune.model.pipeline import Pipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=8, sample_size=32,
+    )
+    encoder = text_encoder(layers=2, width=cross_dim)
+    tok = tokenizer(Path(tempfile.mkdtemp(prefix="tiny-vocab-")), max_length=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                              steps_offset=1)
+    return Pipeline(unet, vae, scheduler, {"text_encoder": encoder, "tokenizer": tok}, dict(SD_INDEX)).eval()

@@ -71,17 +71,16 @@ def test_unsupported_scheduler(tiny_dir, tmp_path):
 
 
 SUPPORTED = ("supported: StableDiffusionPipeline; StableDiffusionXLPipeline; LatentConsistencyModelPipeline; "
-             "DDPMPipeline; LDMPipeline; the shipped demo's class-conditioned pipeline (class_embedder)")
+             "DDPMPipeline; LDMPipeline")
 
 
 def test_unknown_pipeline_class_with_a_text_encoder(tiny_dir, tmp_path):
     bad = copy_of(tiny_dir, tmp_path)
     index = json.loads((bad / "model_index.json").read_text())
-    index.pop("class_embedder")
-    index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    index["_class_name"] = "KandinskyPipeline"
     (bad / "model_index.json").write_text(json.dumps(index))
     r = invoke("export", "--model", bad, "--out", tmp_path / "out")
-    assert one_error(r, 2) == (f"error: {bad}: pipeline TinypruneClassPipeline (scheduler DDIMScheduler, "
+    assert one_error(r, 2) == (f"error: {bad}: pipeline KandinskyPipeline (scheduler DDIMScheduler, "
                                "text_encoder CLIPTextModel, tokenizer CLIPTokenizer, unet UNet2DConditionModel, "
                                f"vae AutoencoderKL) is not supported; {SUPPORTED}")
 
@@ -92,9 +91,7 @@ def test_unconditional_unet_class(tiny_dir, tmp_path):
     index["unet"] = ["diffusers", "UNet2DModel"]
     (bad / "model_index.json").write_text(json.dumps(index))
     r = invoke("export", "--model", bad, "--out", tmp_path / "out")
-    assert one_error(r, 2) == (f"error: {bad}: pipeline TinypruneClassPipeline (class_embedder ClassEmbedder, "
-                               "scheduler DDIMScheduler, unet UNet2DModel, vae AutoencoderKL) is not supported; "
-                               f"{SUPPORTED}")
+    assert one_error(r, 2) == f"error: {bad}: component 'unet' is UNet2DModel; this family takes UNet2DConditionModel"
 
 
 def test_component_without_weights(tiny_dir, tmp_path):
@@ -229,9 +226,9 @@ def test_out_not_writable(tiny_dir, tmp_path, monkeypatch):
     assert list(parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("filename", [None, "unet/model.onnx_data"])
+@pytest.mark.parametrize("filename", [None, "text_encoder/model.onnx_data"])
 def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, filename):
-    """ENOSPC while the UNet's ONNX file is written (after the pruned pipeline is saved): one line, exit 1,
+    """ENOSPC while the first ONNX file (the text encoder's) is written, after the pruned pipeline is saved: one line, exit 1,
     the staging dir is gone and the previous bundle at --out is byte-for-byte what it was."""
     import tinyprune.export.writer as onnx_export
 
@@ -248,7 +245,7 @@ def test_disk_full_keeps_old_bundle(bundle, tiny_dir, tmp_path, monkeypatch, fil
     line = one_error(r, 1)
     if filename:
         assert line.startswith("error: disk full while writing ") and line.endswith(
-            "/unet/model.onnx_data: free some space and run again; nothing was published")
+            "/text_encoder/model.onnx_data: free some space and run again; nothing was published")
     else:
         assert line == f"error: disk full while writing {out}: free some space and run again; nothing was published"
     assert (out / "manifest.json").read_bytes() == before

@@ -39,7 +39,7 @@ def test_stats_and_feeds(bundle):
     manifest = json.loads((bundle[0] / "manifest.json").read_text())
     unet = component_feed(manifest, "unet")
     assert {k: v.shape for k, v in unet.items()} == {"sample": (2, 4, 8, 8), "timestep": (2,),
-                                                      "encoder_hidden_states": (2, 1, 32)}
+                                                      "encoder_hidden_states": (2, 16, 32)}
     assert component_feed(manifest, "vae_decoder")["latent_sample"].shape == (1, 4, 8, 8)
     assert "ort-cpu" in available_backends()
     with PeakMemory() as pm:
@@ -59,7 +59,7 @@ def test_bench_json_structure_and_budget_ok(bundle, tmp_path):
     res = json.loads(r.stdout)
     assert res["backend"] == "ort-cpu" and res["models"] == ["pruned"] and res["ok"] is True
     whats = [row["what"] for row in res["rows"]]
-    assert whats == ["unet", "vae_decoder", "vae_encoder", "generation", "generation step"]
+    assert whats == ["unet", "vae_decoder", "vae_encoder", "text_encoder", "generation", "generation step"]
     by = {row["what"]: row for row in res["rows"]}
     assert by["unet"]["shape"] == "2x4x8x8" and by["vae_decoder"]["shape"] == "1x4x8x8"
     assert by["unet"]["n"] == 2 and by["generation"]["n"] == 1 and by["generation step"]["n"] == 2  # 1 x 2 steps

@@ -106,7 +106,7 @@ def test_workflow_runs_a_bundle_in_diffusers_onnx_pipeline(family_dirs, tmp_path
     assert "OnnxStableDiffusionPipeline ran" in r.stdout and (out / "jetson-onnx.png").stat().st_size > 100
 
 
-def test_onnx_pipeline_step_skips_a_bundle_diffusers_cannot_run(bundle):
-    out, _ = bundle
+def test_onnx_pipeline_step_skips_a_bundle_diffusers_cannot_run(family_bundle):
+    out, _ = family_bundle("ddpm")
     r = subprocess.run([sys.executable, str(CI / "onnx_pipeline.py"), str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and "skipped" in r.stdout

@@ -45,7 +45,7 @@ def test_export_bundle_contents(bundle):
     assert abs(result["sparsity"]["unet"] - 0.43) <= 0.005
     assert result["ok"] and all(d["max_abs"] <= d["tolerance"] for d in result["onnx_drift"])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["components"]) == {"unet", "vae_encoder", "vae_decoder"}
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
     assert "report/timings.json" not in manifest["files"]
     assert manifest["components"]["unet"]["inputs"]["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8],
                                                                   "max": [2, 4, 8, 8]}

@@ -33,7 +33,8 @@ def test_same_command_same_bytes(tiny_dir, tmp_path):
     table_a, table_b = file_table(a), file_table(b)
     assert table_a == table_b
     onnx_files = [rel for rel in table_a if rel.endswith(".onnx")]
-    assert sorted(onnx_files) == ["unet/model.onnx", "vae_decoder/model.onnx", "vae_encoder/model.onnx"]
+    assert sorted(onnx_files) == ["text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx",
+                                  "vae_encoder/model.onnx"]
     for rel in table_a:  # every checksummed file, byte for byte (not only its hash)
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     # the manifest checksums everything but itself and the timings

@@ -8,21 +8,37 @@ import pytest
 
 from tinyprune.errors import InputError
 from tinyprune.model.families import family_for
-from tinyprune.model.families.class_label import ClassLabelFamily
-from tinyprune.model.pipeline import load_pipeline, save_pipeline, tiny_pipeline
+from pipelines import tiny as tiny_pipeline
+from tinyprune.model.pipeline import load_pipeline, save_pipeline
 
 
-def test_demo_index_gets_the_class_label_adapter(tiny_dir):
+def test_tiny_sd_gets_the_text_adapter_and_its_prompts(tiny_dir):
+    from tinyprune.model.families.text import StableDiffusionFamily, shipped_prompts
+
     pipe = load_pipeline(tiny_dir)
-    assert isinstance(pipe.family, ClassLabelFamily)
-    assert pipe.family.check_conditions(3) == [0, 1, 2]
-    assert pipe.family.check_conditions() == list(range(10))
-    assert pipe.family.context_tokens == 1
-    cond = pipe.family.condition([4, 5])
-    assert list(cond) == ["encoder_hidden_states"] and tuple(cond["encoder_hidden_states"].shape) == (2, 1, 32)
+    assert type(pipe.family) is StableDiffusionFamily
+    assert pipe.family.check_conditions(3) == shipped_prompts()[:3]  # no prompts.txt of its own
+    assert pipe.family.context_tokens == 16
+    cond = pipe.family.condition(["a red bicycle", "a cat"])
+    assert list(cond) == ["encoder_hidden_states"] and tuple(cond["encoder_hidden_states"].shape) == (2, 16, 32)
     null = pipe.family.null_condition(3)["encoder_hidden_states"]
-    assert tuple(null.shape) == (3, 1, 32) and torch.equal(null[0], null[2])
-    assert torch.equal(null[0, 0], pipe.conditioner.embedding.weight[10])  # the null class: the row after the last
+    assert tuple(null.shape) == (3, 16, 32) and torch.equal(null[0], null[2])
+    assert torch.equal(null[:1], pipe.family.condition([""])["encoder_hidden_states"])  # guidance pairs with ""
+    assert pipe.family.yardstick_conditions([7, 7, 3]) == ["a handwritten number 7", "the digit seven, drawn by hand",
+                                                           "a handwritten number 3"]
+
+
+def test_a_pipelines_own_prompts_replace_the_shipped_ones_and_travel_with_it(tiny_dir, tmp_path):
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_dir, own)
+    (own / "prompts.txt").write_text("the digit 1\n\n  a handwritten two \n")
+    pipe = load_pipeline(own)
+    assert pipe.family.check_conditions() == ["the digit 1", "a handwritten two"]
+    assert pipe.family.calibration_conditions() == ["the digit 1"]  # every third
+    save_pipeline(pipe, tmp_path / "saved")
+    assert (tmp_path / "saved" / "prompts.txt").read_text() == (own / "prompts.txt").read_text()
 
 
 def test_unsupported_pipeline_named_with_the_supported_ones():
@@ -30,7 +46,7 @@ def test_unsupported_pipeline_named_with_the_supported_ones():
         family_for({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}, "m")
     assert "pipeline FluxPipeline (transformer FluxTransformer2DModel) is not supported; supported: " \
         "StableDiffusionPipeline; StableDiffusionXLPipeline; LatentConsistencyModelPipeline; DDPMPipeline; " \
-        "LDMPipeline; the shipped demo's class-conditioned pipeline (class_embedder)" in str(e.value)
+        "LDMPipeline" in str(e.value)
 
 
 def test_specs_follow_the_config_and_name_latent_and_image_axes_apart():
@@ -38,16 +54,16 @@ def test_specs_follow_the_config_and_name_latent_and_image_axes_apart():
     from tinyprune.export.specs import component_spec, component_specs
 
     pipe = tiny_pipeline(seed=0, cross_dim=48)
-    assert [s.name for s in component_specs(pipe)] == ["unet", "vae_encoder", "vae_decoder"]
+    assert [s.name for s in component_specs(pipe)] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     unet = component_spec(pipe, "unet")
-    assert unet.shape(2, 8)["encoder_hidden_states"] == (2, 1, 48)  # from the conditioner's config, not a constant
+    assert unet.shape(2, 8)["encoder_hidden_states"] == (2, 16, 48)  # from the configs, not a constant
     spec = ExportSpec(opset=17, batch=Range(1, 2, 4), latent=Range(8, 8, 16))
     axes = component_spec(pipe, "vae_decoder").dynamic_axes(spec)
     assert axes == {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
                     "sample": {0: "batch", 2: "height", 3: "width"}}
     assert component_spec(pipe, "unet").dynamic_axes(spec)["encoder_hidden_states"] == {0: "batch"}
-    with pytest.raises(InputError, match="no text_encoder component"):
-        component_spec(pipe, "text_encoder")
+    with pytest.raises(InputError, match="no text_encoder_2 component"):
+        component_spec(pipe, "text_encoder_2")
 
 
 def test_euler_pipeline_keeps_its_scheduler_into_the_bundle(tmp_path):

@@ -163,7 +163,7 @@ def _random_keep(groups, seed=0):
 
 
 def _pruned_tiny():
-    from tinyprune.model.pipeline import tiny_pipeline
+    from pipelines import tiny as tiny_pipeline
 
     pipe = tiny_pipeline(seed=0)
     collapse_single_token_attention(pipe.unet)
@@ -173,7 +173,7 @@ def _pruned_tiny():
 
 
 def test_unet_removal_equals_masking_and_collapse_is_exact():
-    from tinyprune.model.pipeline import tiny_pipeline
+    from pipelines import tiny as tiny_pipeline
 
     unet = tiny_pipeline(seed=0).unet
     x, t, c = _unet_inputs(unet)

@@ -15,7 +15,7 @@ from tinyprune.errors import InputError
 from tinyprune.prune.importance.l1_grad import gradient_magnitudes, l1_grad_scores, prune_l1_grad, ramp
 from tinyprune.prune.importance.magnitude import magnitude
 from tinyprune.prune.masks import prunable_weights, unstructured
-from tinyprune.model.pipeline import tiny_pipeline
+from pipelines import tiny as tiny_pipeline
 from tinyprune.prune.recovery import mean_loss, recover
 
 torch.set_num_threads(2)
@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 def pipe_and_batches():
     pipe = tiny_pipeline(seed=0)
     g = torch.Generator().manual_seed(1)
-    cal = CalibrationSet(torch.randn(8, 4, 8, 8, generator=g), torch.arange(8) % 10, "test")
+    cal = CalibrationSet(torch.randn(8, 4, 8, 8, generator=g), pipe.family.check_conditions(8), "test")
     return pipe, cal.batches(pipe, batch_size=4, seed=0)
 
 

@@ -173,7 +173,7 @@ def test_sweep_plot_writes_a_png(tmp_path):
 # --------------------------------------------------------------------------- evaluate
 
 def test_evaluate_is_deterministic_and_lossless_against_itself(classifier, real):
-    from tinyprune.model.pipeline import tiny_pipeline
+    from pipelines import tiny as tiny_pipeline
 
     pipe, other = tiny_pipeline(seed=0), tiny_pipeline(seed=1)
     real_feats = quality.features(classifier, real[0])

@@ -16,6 +16,7 @@ from blocking import DEVICE_LACKS, blocked_imports
 from tinyprune.cli import app
 from tinyprune.judge.drift import psnr
 from tinyprune.runtime.schedulers import DDIM, Euler, make_scheduler, torch_linspace
+from tinyprune.model.families.text import shipped_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -118,20 +119,21 @@ def test_bundle_carries_runtime_files(bundle):
     rt = out / "runtime"
     shapes = json.loads((rt / "shapes.json").read_text())
     assert shapes == {"latent_channels": 4, "latent_size": 8, "vae_scale": 4, "image_size": 32, "image_channels": 3,
-                      "scaling_factor": 0.18215, "family": "class-conditioned", "decoder": "vae_decoder",
-                      "conditioning": {"kind": "class", "num_classes": 10, "guidance": 3.0}}
-    cond = np.load(rt / "conditioning.npz")
-    assert cond["table"].shape == (11, 32) and int(cond["null_class"]) == 10
-    assert (int(cond["seq_len"]), int(cond["embed_dim"])) == (1, 32)
+                      "scaling_factor": 0.18215, "family": "stable-diffusion", "decoder": "vae_decoder",
+                      "conditioning": {"kind": "text", "guided": True, "null": "empty", "guidance": 7.5,
+                                       "example_prompts": shipped_prompts()[:2],
+                                       "encoders": [{"component": "text_encoder", "tokenizer": "tokenizer.json",
+                                                     "context": "last_hidden_state", "pooled": None}]}}
     sched = json.loads((rt / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "squaredcos_cap_v2"
     readme = (rt / "README.md").read_text()
-    assert "pip install onnxruntime numpy pillow" in readme
-    assert "python -m tinyprune.runtime .. --class 3 --steps 20 --seed 0 --out imgs" in readme
+    assert "pip install onnxruntime numpy pillow tokenizers" in readme
+    assert 'python -m tinyprune.runtime .. --prompt "a red bicycle" --steps 20 --seed 0 --out imgs' in readme
     manifest = json.loads((out / "manifest.json").read_text())
-    for rel in ("runtime/conditioning.npz", "runtime/shapes.json", "runtime/tinyprune/runtime/generate.py",
+    for rel in ("runtime/tokenizer.json", "runtime/shapes.json", "runtime/tinyprune/runtime/generate.py",
                 "runtime/tinyprune/runtime/schedulers.py"):
         assert rel in manifest["files"], rel
+    assert not (rt / "conditioning.npz").exists()
     source = ROOT / "exporter" / "runtime"
     copied = {p.relative_to(rt / "tinyprune" / "runtime") for p in (rt / "tinyprune" / "runtime").rglob("*.py")}
     assert copied == {p.relative_to(source) for p in source.rglob("*.py")}
@@ -165,14 +167,16 @@ def no_torch_env(tmp_path_factory):
     return blocked_imports(tmp_path_factory.mktemp("notorch"), DEVICE_LACKS + ("typer", "rich"))
 
 
-LABELS = [0, 1, 2, 3]
+PROMPTS = ["a red bicycle", "the digit 7", "", "number seven on black"]
+NAMES = ["a-red-bicycle", "the-digit-7", "empty", "number-seven-on-black"]
 
 
 def test_runtime_runs_without_torch_and_matches_pytorch(bundle, no_torch_env, tmp_path):
     out, _ = bundle
     env, log = no_torch_env
-    args = [str(out)] + [a for c in LABELS for a in ("--class", str(c))] + ["--steps", "10", "--seed", "0", "--npy",
-                                                                            "--quiet"]
+    # the PyTorch reference's guidance (tinyprune.model.sampling's 3.0), not the bundle's default 7.5
+    args = [str(out)] + [a for c in PROMPTS for a in ("--prompt", c)] + ["--guidance", "3", "--steps", "10", "--seed",
+                                                                         "0", "--npy", "--quiet"]
     proc = subprocess.run([sys.executable, "-m", "tinyprune.runtime", *args, "--out", str(tmp_path / "a")],
                           cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -183,14 +187,14 @@ def test_runtime_runs_without_torch_and_matches_pytorch(bundle, no_torch_env, tm
     from PIL import Image
 
     pngs = [np.asarray(Image.open(f)) for f in result["files"]]
-    assert [Path(f).name for f in result["files"]] == [f"{i:02d}_class{c}_seed0.png" for i, c in enumerate(LABELS)]
+    assert [Path(f).name for f in result["files"]] == [f"{i:02d}_{n}_seed0.png" for i, n in enumerate(NAMES)]
     assert all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in pngs)
 
-    # The same images as the PyTorch pipeline (tinyprune.model.sampling.sample: same seed, labels, initial noise, DDIM).
+    # The same images as the PyTorch pipeline (tinyprune.model.sampling.sample: same seed, prompts, noise, DDIM).
     from tinyprune.model.pipeline import load_pipeline
     from tinyprune.model.sampling import sample
 
-    ref = sample(load_pipeline(out / "pruned"), LABELS, seed=0, steps=10).numpy()
+    ref = sample(load_pipeline(out / "pruned"), PROMPTS, seed=0, steps=10).numpy()
     got = np.load(tmp_path / "a" / "images.npy")
     assert got.shape == ref.shape == (4, 3, 32, 32)
     assert psnr(ref, got, 1.0) > 40
@@ -220,50 +224,51 @@ def test_euler_runtime_matches_diffusers_loop(bundle):
 
     out, _ = bundle
     pipe = load_pipeline(out / "pruned")
-    labels, steps, g = [2, 5], 6, 3.0
+    prompts, steps, g = ["the digit 2", "a handwritten five"], 6, 3.0
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
+    tok = pipe.parts["tokenizer"]
     with torch.inference_mode():
         lat = torch.from_numpy(initial_noise(0, 2, 4, 8)) * sched.init_noise_sigma
-        ctx = torch.cat([pipe.conditioner(torch.full((2,), 10)), pipe.conditioner(torch.tensor(labels))])
+        ids = tok(["", ""] + prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        ctx = pipe.parts["text_encoder"](ids).last_hidden_state
         for t in sched.timesteps:
             x = sched.scale_model_input(torch.cat([lat, lat]), t)
             eu, ec = pipe.unet(x, t, encoder_hidden_states=ctx).sample.chunk(2)
             lat = sched.step(eu + g * (ec - eu), t, lat).prev_sample
         ref = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).numpy()
     with Runtime(out) as rt:
-        got = rt.generate(labels, seed=0, steps=steps, scheduler="euler", guidance=g)
+        got = rt.generate(prompts, seed=0, steps=steps, scheduler="euler", guidance=g)
     assert psnr(ref, got, 1.0) > 40
 
 
 def _generate(out, tmp, *extra):
-    return runner.invoke(app, ["generate", str(out), "--class", "3", "--class", "7", "--steps", "5", "--out", str(tmp),
-                               *map(str, extra)], catch_exceptions=False)
+    return runner.invoke(app, ["generate", str(out), "--prompt", "the digit 3", "--prompt", "a handwritten seven",
+                               "--steps", "5", "--out", str(tmp), *map(str, extra)], catch_exceptions=False)
 
 
 def test_generate_same_seed_same_bytes(bundle, tmp_path):
     out, _ = bundle
     r1, r2 = _generate(out, tmp_path / "a", "--seed", 5), _generate(out, tmp_path / "b", "--seed", 5)
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.stderr
-    names = ["00_class3_seed5.png", "01_class7_seed5.png"]
+    names = ["00_the-digit-3_seed5.png", "01_a-handwritten-seven_seed5.png"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
     assert "step 5/5" in r1.stderr  # not a TTY: one line per step
     r3 = _generate(out, tmp_path / "c", "--seed", 6, "--json")
     assert r3.exit_code == 0
-    assert json.loads(r3.stdout)["files"][0].endswith("00_class3_seed6.png")
-    assert (tmp_path / "c" / "00_class3_seed6.png").read_bytes() != (tmp_path / "a" / names[0]).read_bytes()
+    assert json.loads(r3.stdout)["files"][0].endswith("00_the-digit-3_seed6.png")
+    assert (tmp_path / "c" / "00_the-digit-3_seed6.png").read_bytes() != (tmp_path / "a" / names[0]).read_bytes()
 
 
 def test_generate_errors(bundle, tmp_path):
     out, _ = bundle
-    r = _generate(out, tmp_path / "x", "--class", 10)
-    assert r.exit_code == 2 and "class 10 is out of range: this model has classes 0..9" in r.stderr
+    r = _generate(out, tmp_path / "x", "--num-images", 0)
+    assert r.exit_code == 2 and "--num-images must be >= 1, got 0" in r.stderr
     r = _generate(out, tmp_path / "x", "--scheduler", "heun")
     assert r.exit_code == 2 and "unknown scheduler 'heun'" in r.stderr
-    r = _generate(out, tmp_path / "x", "--prompt", "a red bicycle")
-    assert r.exit_code == 2 and "takes --class N, not --prompt" in r.stderr
     r = _generate(tmp_path / "nope", tmp_path / "x")
     assert r.exit_code == 2 and "does not exist" in r.stderr
     import importlib.util

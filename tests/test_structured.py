@@ -14,7 +14,7 @@ from tinyprune.config import DEFAULT_STRUCTURED_RECOVERY_STEPS, L1GradSpec, Prun
 from tinyprune.errors import InputError
 from tinyprune.model.structure import find_groups
 from tinyprune.prune.structured.groups import prunable_params
-from tinyprune.model.pipeline import tiny_pipeline
+from pipelines import tiny as tiny_pipeline
 from tinyprune.prune.structured.run import prune_structured
 
 torch.set_num_threads(2)
@@ -25,7 +25,7 @@ FAST = {"diff-pruning": {"stride": 250}, "ld-pruner": {"chunk": 16},
 
 def _batches(pipe, n=8):
     g = torch.Generator().manual_seed(0)
-    return CalibrationSet(torch.randn(n, 4, 8, 8, generator=g), torch.arange(n) % 10, "test").batches(pipe, n)
+    return CalibrationSet(torch.randn(n, 4, 8, 8, generator=g), pipe.family.check_conditions(n), "test").batches(pipe, n)
 
 
 def _spec(method, sparsity=0.43, recovery_steps=0, **structured):

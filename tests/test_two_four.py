@@ -18,7 +18,7 @@ from tinyprune.prune.importance.l1_grad import gradient_magnitudes, l1_grad_scor
 from tinyprune.prune.importance.magnitude import magnitude
 from tinyprune.prune.masks import n_of_m, prunable_weights
 from tinyprune.export.metadata import is_n_of_m
-from tinyprune.model.pipeline import tiny_pipeline
+from pipelines import tiny as tiny_pipeline
 from tinyprune.prune.run import prune
 from tinyprune.prune.recovery import mean_loss
 
@@ -29,7 +29,7 @@ torch.set_num_threads(2)
 def batches():
     pipe = tiny_pipeline(seed=0)
     g = torch.Generator().manual_seed(1)
-    cal = CalibrationSet(torch.randn(4, 4, 8, 8, generator=g), torch.arange(4) % 10, "test")
+    cal = CalibrationSet(torch.randn(4, 4, 8, 8, generator=g), pipe.family.check_conditions(4), "test")
     return cal.batches(pipe, batch_size=4, seed=0)
 
 

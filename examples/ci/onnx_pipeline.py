@@ -4,7 +4,7 @@
 
 Loads BUNDLE with diffusers' OnnxStableDiffusionPipeline (the class its model_index.json names; onnxruntime on
 the CPU), makes one image and fails (exit 1) when it is not finite. Bundles of families diffusers has no ONNX
-pipeline for (SDXL and LCM: optimum's ORT pipelines; the demo, unconditional families) are skipped with a line
+pipeline for (SDXL and LCM: optimum's ORT pipelines; the unconditional families) are skipped with a line
 saying so (exit 0); run them with the bundle's torch-free runtime (`python -m tinyprune.runtime BUNDLE`) instead.
 """
 
