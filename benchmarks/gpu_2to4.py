@@ -208,7 +208,7 @@ def demo_unet():
     sys.path.insert(0, str(root))
     from tinyprune.demo.train import RECIPE, build_unet
 
-    return build_unet(RECIPE["unet"]), "demo UNet architecture (random weights; demo not trained yet)"
+    return build_unet(RECIPE["unet"], RECIPE["text"]["hidden_size"]), "demo UNet architecture (random weights; demo not trained yet)"
 
 
 def main() -> int:

@@ -4,9 +4,10 @@
    transformers or onnx raises ImportError (a sys.meta_path blocker in a sitecustomize on PYTHONPATH); every
    attempted import is logged and must be none. With --python PY (an environment with only numpy, pillow and
    onnxruntime installed) it runs there instead, from the bundle's own copy as the on-device README says:
-   `cd BUNDLE/runtime && PY -m tinyprune.runtime.generate .. ...`. It writes PNGs for labels 0..9 x --per-class, one seed.
+   `cd BUNDLE/runtime && PY -m tinyprune.runtime.generate .. ...`. It writes PNGs for the held-out-phrasing prompts of digits 0..9 x --per-class
+   (tinyprune.demo.captions.heldout_prompts), one seed, the PyTorch reference's guidance scale.
 2. Here, with torch: the shipped digit classifier (judge/quality.py) classifies those PNGs; accuracy against the
-   asked class, overall and per class. The same labels through the PyTorch pipeline (tinyprune.model.sampling.sample,
+   asked digit, overall and per digit. The same prompts through the PyTorch pipeline (tinyprune.model.sampling.sample,
    same seed and initial noise) give the reference accuracy and the runtime-vs-PyTorch PSNR.
 
     .venv/bin/python benchmarks/runtime_demo.py BUNDLE [--per-class 10] [--steps 20] [--json out.json]
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from blocking import blocked_imports  # noqa: E402  (the tests' import blocker: torch, diffusers, transformers, onnx)
 
 
-def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, out: Path, work: Path,
+def run_without_torch(bundle: Path, prompts: list[str], guidance: float, seed: int, steps: int, out: Path, work: Path,
                       python: str | None = None) -> dict:
     if python is None:
         env, log = blocked_imports(work)
@@ -42,7 +43,8 @@ def run_without_torch(bundle: Path, labels: list[int], seed: int, steps: int, ou
         assert probe.returncode != 0, "torch is importable in the runtime's environment"
     where, target = (ROOT, str(bundle.resolve())) if python is None else (bundle / "runtime", "..")
     cmd = [python or sys.executable, "-m", "tinyprune.runtime.generate", target, "--steps", str(steps), "--seed", str(seed),
-           "--out", str(out.resolve()), "--npy", "--quiet"] + [a for c in labels for a in ("--class", str(c))]
+           "--guidance", str(guidance), "--out", str(out.resolve()), "--npy", "--quiet"]
+    cmd += [a for p in prompts for a in ("--prompt", p)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -66,15 +68,18 @@ def main(argv=None) -> int:
                     "one, with torch, diffusers and onnx blocked)")
     args = ap.parse_args(argv)
 
+    from tinyprune.demo.captions import heldout_prompts
     from tinyprune.judge.drift import psnr
     from tinyprune.model.pipeline import load_pipeline
     from tinyprune.judge.quality import load_classifier, predict
-    from tinyprune.model.sampling import sample
+    from tinyprune.model.sampling import DEFAULT_GUIDANCE, sample
 
     labels = [c for _ in range(args.per_class) for c in range(10)]
+    prompts = heldout_prompts(labels)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rt = run_without_torch(args.bundle, labels, args.seed, args.steps, tmp / "png", tmp, args.python)
+        rt = run_without_torch(args.bundle, prompts, DEFAULT_GUIDANCE, args.seed, args.steps, tmp / "png", tmp,
+                               args.python)
         from PIL import Image
 
         pngs = np.stack([np.asarray(Image.open(f)) for f in rt["files"]])
@@ -83,11 +88,12 @@ def main(argv=None) -> int:
     clf = load_classifier()
     pred = predict(clf, images)
     lab = np.asarray(labels)
-    ref = sample(load_pipeline(args.bundle / "pruned"), labels, seed=args.seed, steps=args.steps).numpy()
+    ref = sample(load_pipeline(args.bundle / "pruned"), prompts, seed=args.seed, steps=args.steps,
+                 guidance=DEFAULT_GUIDANCE).numpy()
     ref_pred = predict(clf, ref)
     out = {
         "bundle": str(args.bundle), "environment": args.python or "this one, torch blocked", "images": len(labels),
-        "steps": args.steps, "seed": args.seed,
+        "guidance": DEFAULT_GUIDANCE, "steps": args.steps, "seed": args.seed,
         "runtime": {k: rt[k] for k in ("backend", "scheduler", "seconds", "wall_s", "blocked_imports_attempted")},
         "accuracy_runtime_png": float(np.mean(pred == lab)),
         "accuracy_per_class": {int(c): float(np.mean(pred[lab == c] == c)) for c in range(10)},

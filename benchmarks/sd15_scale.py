@@ -4,8 +4,8 @@
 
 What runs (each in its own subprocess, one after the other):
   make        a UNet2DConditionModel with SD 1.5's configuration and an AutoencoderKL with SD's VAE
-              configuration, random weights made here (no download), a ClassEmbedder(embed_dim=768,
-              seq_len=77) standing in for the text encoder, saved as a pipeline dir (save_pipeline)
+              configuration and a CLIPTextModel with SD's text encoder configuration, random weights made
+              here (no download), a CLIPTokenizer over bytes (the tests'), saved as a pipeline dir (save_pipeline)
   export      `tinyprune export --sparsity 0.43` (magnitude, unstructured) with benchmarks/sd15_profile.toml:
               load, dense reference images, prune in place, pruned images, save, ONNX export of UNet
               (external data) and VAE encoder/decoder, PyTorch references, onnxruntime drift, bundle
@@ -48,6 +48,10 @@ UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values t
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
     downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
 )
+TEXT_CONFIG = dict(  # its text_encoder/config.json
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+    vocab_size=49408, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
 VAE_CONFIG = dict(  # its vae/config.json
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
@@ -82,18 +86,22 @@ def cmd_make(pipe_dir: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from tinyprune.model.families.class_label import ClassEmbedder, ClassLabelFamily
-    from tinyprune.model.pipeline import INDEX, Pipeline, save_pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pipelines import SD_INDEX, tokenizer
+    from tinyprune.model.pipeline import Pipeline, save_pipeline
 
     st = _Stages()
-    with st("build random SD-1.5 UNet + VAE"):
+    with st("build random SD-1.5 UNet + VAE + text encoder"):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)
-        cond = ClassEmbedder(num_classes=10, embed_dim=768, seq_len=77)
+        encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        tok = tokenizer(Path(pipe_dir).parent / "sd15-vocab")
         sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipe = Pipeline(unet, vae, sched, {ClassLabelFamily.CONDITIONER: cond}, dict(INDEX)).eval()
+        pipe = Pipeline(unet, vae, sched, {"text_encoder": encoder, "tokenizer": tok}, dict(SD_INDEX)).eval()
     with st("save_pipeline"):
         save_pipeline(pipe, Path(pipe_dir))
     n_unet = sum(p.numel() for p in unet.parameters())

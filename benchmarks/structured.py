@@ -37,9 +37,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny pipeline (--tiny, --random-demo)
 
 from tinyprune.prune.structured.cost import count_macs  # noqa: E402
-from tinyprune.model.families.class_label import UNetModule  # noqa: E402
+from tinyprune.model.families.base import UNetModule  # noqa: E402
 from tinyprune.model.structure import find_groups  # noqa: E402
 from tinyprune.prune.structured.groups import prunable_params, unit_sums
 from tinyprune.prune.structured.surgery import remove_units
@@ -172,16 +173,17 @@ def main(argv=None) -> int:
 
     from tinyprune.config import PruneSpec, StructuredSpec, load_profile
     from tinyprune.prune.recovery import distill
-    from tinyprune.model.pipeline import demo_dir, load_pipeline, tiny_pipeline
+    from pipelines import tiny as tiny_pipeline
+    from tinyprune.model.pipeline import demo_dir, load_pipeline
     from tinyprune.prune.structured.run import prune_structured
 
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     if args.random_demo:
         from tinyprune.demo.train import RECIPE, build_unet
 
-        dense = tiny_pipeline(seed=0, cross_dim=RECIPE["unet"]["cross_attention_dim"])
+        dense = tiny_pipeline(seed=0, cross_dim=RECIPE["text"]["hidden_size"])
         torch.manual_seed(0)
-        dense.unet = build_unet(RECIPE["unet"]).eval().requires_grad_(False)
+        dense.unet = build_unet(RECIPE["unet"], RECIPE["text"]["hidden_size"]).eval().requires_grad_(False)
         model_name, args.n_per_class = "demo architecture (random weights)", 0
     elif args.tiny or not (demo_dir() / "model_index.json").is_file():
         if not args.tiny:

@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny pipeline (--tiny)
 
 from exporter import quality  # noqa: E402
 from tinyprune.model.calibration import calibration_batches  # noqa: E402
 from tinyprune.config import L1GradSpec, PruneSpec, load_profile  # noqa: E402
-from tinyprune.model.pipeline import demo_dir, load_pipeline, tiny_pipeline  # noqa: E402
+from tinyprune.model.pipeline import demo_dir, load_pipeline  # noqa: E402
+from pipelines import tiny as tiny_pipeline  # noqa: E402
 from tinyprune.prune.run import prune  # noqa: E402
 
 
