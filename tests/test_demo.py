@@ -97,3 +97,32 @@ def test_dense_samples_are_the_digits_asked_for(pipe):
     assert int((pred == np.array(labels)).sum()) >= 8, f"predicted {pred.tolist()} for {labels}"
     again = sample(pipe, heldout_prompts(labels), seed=0, steps=20)
     torch.testing.assert_close(images, again, rtol=0, atol=0)
+
+
+def test_default_export_is_a_stable_diffusion_bundle_diffusers_runs(tmp_path, monkeypatch):
+    """`tinyprune export` without --model: all four ONNX files, the quality gates on the digit yardstick with the
+    captioned grid, the pruned pipeline in diffusers' StableDiffusionPipeline, and diffusers' OnnxStableDiffusionPipeline
+    on the bundle as it stands making the pruned PyTorch pipeline's image at 64 px."""
+    from diffusers import OnnxStableDiffusionPipeline, StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from tinyprune.cli import app
+    from tinyprune.judge.drift import psnr
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["export", "--sparsity", "0.2", "--target", "jetson", "--quality", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "bundle"
+    for c in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        assert (out / c / "model.onnx").is_file(), c
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["quality"]["n_samples"] == 20 and report["quality"]["dense"]["accuracy"] >= 0.9
+    assert (out / "report" / "grid.png").stat().st_size > 1000
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider", local_files_only=True)
+    torch_pipe = StableDiffusionPipeline.from_pretrained(out / "pruned", use_safetensors=True, local_files_only=True)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(height=64, width=64, num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    got = onnx_pipe("the digit seven, drawn by hand", latents=latents, **kw).images
+    want = torch_pipe("the digit seven, drawn by hand", latents=torch.from_numpy(latents), **kw).images
+    assert got.shape == want.shape == (1, 64, 64, 3)
+    assert psnr(got, want) > 60, psnr(got, want)
