@@ -64,9 +64,9 @@ class QualityResult:
     def failures(self) -> list[str]:
         out = []
         if not self.fd_ok:
-            out.append(f"FD ratio {self.fd_ratio:.3f} > {self.max_fd_ratio}")
+            out.append(f"FD ratio {self.fd_ratio:.3f} > {self.max_fd_ratio:g}")
         if not self.accuracy_ok:
-            out.append(f"class accuracy {self.pruned_accuracy:.3f} < {self.min_accuracy}")
+            out.append(f"class accuracy {self.pruned_accuracy:.3f} < {self.min_accuracy:g}")
         return out
 
     def to_dict(self) -> dict:
