@@ -13,20 +13,10 @@ from pathlib import Path
 
 import torch
 
+from tinyprune.demo.bpe import byte_characters
+
 FAMILIES = ("sd", "sd2", "sdxl", "lcm", "taesd", "ddpm", "ldm")  # save() also builds "bk-sdm"
 CONTEXT = 32  # CLIP hidden size of the tiny text encoders
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tokenizer(work: Path, max_length: int = 77):
@@ -34,7 +24,7 @@ def tokenizer(work: Path, max_length: int = 77):
     from transformers import CLIPTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(byte_characters().values())
     merges = ["t h", "th e</w>", "a n", "an d</w>", "o f</w>", "i n", "in g</w>"]
     vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "an", "and</w>", "of</w>", "in", "ing</w>"]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -126,3 +126,14 @@ def test_default_export_is_a_stable_diffusion_bundle_diffusers_runs(tmp_path, mo
     want = torch_pipe("the digit seven, drawn by hand", latents=torch.from_numpy(latents), **kw).images
     assert got.shape == want.shape == (1, 64, 64, 3)
     assert psnr(got, want) > 60, psnr(got, want)
+
+
+def test_shipped_tokenizer_is_the_bpe_learned_from_the_training_captions(pipe):
+    from tinyprune.demo.bpe import bpe_files
+    from tinyprune.demo.captions import training_captions, vocabulary_gap, words
+
+    for name, text in bpe_files().items():
+        assert (DEMO / "pipeline" / "tokenizer" / name).read_text(encoding="utf-8") == text, name
+    tok = pipe.parts["tokenizer"]
+    assert len(tok) == 587 and vocabulary_gap() == set()
+    assert all(len(tok.tokenize(w)) == 1 for w in set(words(training_captions())))
