@@ -207,8 +207,9 @@ def parse_sparsity(value: str | float) -> float:
 
 
 DEFAULT_RECOVERY_STEPS = 200  # l1-grad's recovery when --recovery-steps is not given; magnitude's is 0
-# Structured pruning at 43 % leaves the demo at 0.1-0.7 class accuracy until distilled; 300 steps (52 s on the demo,
-# 2 cores) bring it to 0.995 (benchmarks/results/structured_recovery300.json).
+# Structured pruning at 43 % needs distillation (on the earlier class-conditioned demo: 0.1-0.7 class accuracy
+# without it); with 300 steps, on today's demo, diff-pruning ends at FD 1.03x dense and accuracy 0.970, ld-pruner at
+# 1.15x and 0.955 (benchmarks/results/methods.md).
 DEFAULT_STRUCTURED_RECOVERY_STEPS = 300
 
 
