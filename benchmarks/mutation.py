@@ -13,6 +13,7 @@ with its diff to benchmarks/results/mutation.md (+ .json).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def layout() -> None:
 
 
 def mutmut(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=WORK, text=True,
+    # mutmut forks a child per mutant after the parent ran the tests: an OpenMP pool (torch's) started before a fork
+    # hangs the child, which mutmut would count as a timeout (a "kill"); one thread starts no pool
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=WORK, text=True, env=env,
                           capture_output=capture)
 
 

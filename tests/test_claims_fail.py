@@ -127,3 +127,114 @@ def test_unreadable_claims_are_problems_not_crashes():
     bare = _model()
     set_metadata(bare, {})
     assert check_claims(bare) == ["no tinyprune.sparsity metadata"]
+
+
+# ------------------------------------------------------------------ the figures the claims are checked against
+def test_is_n_of_m_reads_groups_along_the_given_axis():
+    from tinyprune.export.metadata import is_n_of_m
+
+    w = np.ones((4, 8, 3, 3), np.float32)
+    w[:, 0::4] = w[:, 1::4] = 0  # 2:4 along input channels of a 3x3 Conv weight
+    assert is_n_of_m(w, 1) and not is_n_of_m(w, 0)
+    assert is_n_of_m(np.moveaxis(w, 1, 0).copy(), 0)
+    m = np.ones((8, 6), np.float32)
+    m[0::4] = m[1::4] = 0
+    assert is_n_of_m(m, 0) and not is_n_of_m(m, 1)  # 6 columns is not a multiple of 4
+    assert not is_n_of_m(np.array([0, 0, 1, 1], np.float32), 0)  # 1-D: never a 2:4 weight
+    assert is_n_of_m(np.zeros((4, 4)), 1, n=1, m=4) and not is_n_of_m(m, 0, n=1, m=4)
+
+
+def _init(name, w):
+    return numpy_helper.from_array(np.asarray(w, np.float32), name)
+
+
+def test_weight_axes_per_operator():
+    from tinyprune.export.metadata import tensor_figures
+
+    w = np.ones((4, 4, 1, 1), np.float32)
+    w[0, 0] = 0
+    nodes = [helper.make_node("Conv", ["x", "conv"], ["a"]), helper.make_node("ConvTranspose", ["a", "deconv"], ["b"]),
+             helper.make_node("Gemm", ["f", "gemm_t"], ["c"], transB=1), helper.make_node("Gemm", ["f", "gemm"], ["d"]),
+             helper.make_node("MatMul", ["f", "mm"], ["e"]), helper.make_node("Add", ["f", "bias"], ["g"]),
+             helper.make_node("MatMul", ["f", "x"], ["h"]), helper.make_node("Relu", ["f"], ["i"])]
+    inits = [_init("bias", np.zeros(4)), _init("conv", w), _init("deconv", w), _init("gemm_t", w[:, :, 0, 0]),
+             _init("gemm", w[:, :, 0, 0]), _init("mm", np.ones((4, 4)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("i", TensorProto.FLOAT, None)], inits)
+    figures = tensor_figures(helper.make_model(graph))
+    assert {n: f["axis"] for n, f in figures.items()} == {"conv": 1, "deconv": 0, "gemm_t": 1, "gemm": 0, "mm": 0}
+    assert figures["conv"] == {"sparsity": round(1 / 16, 6), "pattern": "unstructured", "axis": 1, "zeros": 1,
+                               "numel": 16, "shape": [4, 4, 1, 1]}
+    assert figures["mm"]["pattern"] == "none" and figures["mm"]["sparsity"] == 0.0
+    third = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("w", [[0.0], [1], [2]])])
+    assert tensor_figures(helper.make_model(third))["w"]["sparsity"] == 0.333333  # six places, as the claims
+
+
+def test_figures_round_to_six_places_and_read_external_data(tmp_path):
+    from tinyprune.export.metadata import global_sparsity, tensor_figures
+
+    model = _model()
+    conv = next(i for i in model.graph.initializer if i.name == "conv_w")
+    w = np.ones((8, 8, 1, 1), np.float32)
+    w.flat[:21] = 0  # 21 / 64 = 0.328125 exactly; with the MatMul's 3 of 32: 24 / 96 = 0.25
+    conv.CopyFrom(_init("conv_w", w))
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx_data", size_threshold=0)
+    bare = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    figures = tensor_figures(bare, str(tmp_path))
+    assert figures["conv_w"]["sparsity"] == 0.328125 and global_sparsity(figures) == 0.25
+    assert global_sparsity({"a": {"zeros": 1, "numel": 3}}) == 0.333333 and global_sparsity({}) == 0.0
+    set_metadata(bare, sparsity_metadata(bare, version="t", component="unet", method="m", pattern="unstructured",
+                                         profile="p", source_sha256="0", base_dir=str(tmp_path)))
+    assert check_claims(bare, str(tmp_path)) == []
+
+
+def test_sparsity_metadata_states_every_field():
+    meta = read_metadata(_model(params_dense=120))
+    tensors = json.loads(meta[PREFIX + "tensors"])
+    assert meta[PREFIX + "tensors"] == json.dumps(tensors, sort_keys=True, separators=(",", ":"))
+    assert tensors == {"conv_w": {"sparsity": 0.5, "pattern": "2:4", "axis": 1},
+                       "mm_w": {"sparsity": round(3 / 32, 6), "pattern": "unstructured", "axis": 0}}
+    assert {k: meta[PREFIX + k] for k in ("version", "component", "method", "pattern", "profile", "source_sha256",
+                                          "params_dense", "params", "params_removed")} == {
+        "version": "t", "component": "unet", "method": "magnitude", "pattern": "2:4", "profile": "p",
+        "source_sha256": "0", "params_dense": "120", "params": "96", "params_removed": "0.200000"}
+    assert PREFIX + "params" not in read_metadata(_model())
+
+
+def test_claims_default_when_a_file_states_less():
+    model = _model(two_four=False)
+    meta = {k: v for k, v in read_metadata(model).items() if k.startswith(PREFIX)}
+    set_metadata(model, {k: v for k, v in meta.items() if k not in (PREFIX + "tensors", PREFIX + "pattern")})
+    assert check_claims(model) == ["2 sparse tensors missing from tinyprune.tensors, e.g. conv_w"]
+    dense = _model()
+    for init in dense.graph.initializer:
+        init.CopyFrom(_init(init.name, np.ones(numpy_helper.to_array(init).shape)))
+    set_metadata(dense, {PREFIX + "sparsity": "0.000000"})  # no tensors claim, nothing sparse: nothing to check
+    assert check_claims(dense) == []
+
+
+def test_every_problem_is_listed_not_only_the_first():
+    model = _model()
+    tensors = {"ghost": {"sparsity": 0.5, "pattern": "unstructured", "axis": 0}} | _tensors(model)
+    tensors["mm_w"]["axis"] = 1
+    assert check_claims(_edit(model, tensors=json.dumps(tensors))) == [
+        "tinyprune.tensors names ghost, which is not a prunable initializer",
+        "mm_w: claims axis 1, TensorRT's axis is 0"]
+
+
+def test_channel_claims_with_missing_or_odd_dense_counts():
+    base = {k: v for k, v in read_metadata(_model(params_dense=100)).items() if k.startswith(PREFIX)}
+    model = _model(params_dense=100)
+    set_metadata(model, {k: v for k, v in base.items() if k != PREFIX + "params_removed"})
+    assert check_claims(model) == []  # no params_removed claim: nothing to recompute
+    set_metadata(model, {k: v for k, v in base.items() if k != PREFIX + "params_dense"})
+    assert check_claims(model) == ["tinyprune.params_removed claims 0.04, 1 - params/params_dense is nan"]
+    set_metadata(model, base | {PREFIX + "params_dense": "0"})
+    assert check_claims(model) == ["tinyprune.params_removed claims 0.04, 1 - params/params_dense is nan"]
+    set_metadata(model, base | {PREFIX + "params_dense": "1", PREFIX + "params_removed": "-95.000000"})
+    assert check_claims(model) == []  # one dense parameter is odd, not wrong
+    set_metadata(model, base | {PREFIX + "params_dense": "1"})
+    assert check_claims(model) == ["tinyprune.params_removed claims 0.04, 1 - params/params_dense is -95.000000"]
