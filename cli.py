@@ -472,7 +472,7 @@ def verify(
 ):
     """Check every checksum in the manifest, every sparsity claim in the ONNX metadata, and that the target's
     TensorRT parser takes every ONNX file (exit 1 if off)."""
-    from tinyprune.ship.bundle import verify as do_verify
+    from tinyprune.ship.verify import verify as do_verify
 
     def show(r):
         if r["ok"]:

@@ -38,7 +38,7 @@ def _export(model, out, **kw):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_exports_and_verifies(family_bundle, name):
-    from tinyprune.ship.bundle import verify
+    from tinyprune.ship.verify import verify
 
     out, r = family_bundle(name)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -17,7 +17,8 @@ from tinyprune.config import ExportSpec, load_profile
 from tinyprune.errors import GateFailed, InputError
 from tinyprune.export.metadata import set_metadata, sparsity_metadata
 from tinyprune.export.trt_parser import PARSERS, ParserOpset, parser_opset, parser_row, unparseable
-from tinyprune.ship.bundle import sha256_file, verify, write_manifest
+from tinyprune.ship.bundle import sha256_file, write_manifest
+from tinyprune.ship.verify import verify
 from tinyprune.ship.tensorrt import build, trtexec_command
 
 LN_ERROR = ("unet/model.onnx: LayerNormalization (ai.onnx, 1 node) cannot be parsed by TensorRT 8.5.2 "
