@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import sys
 from enum import Enum
@@ -31,6 +32,7 @@ state = {"debug": False}
 # help panels of the options, the same in every command
 INPUT, METHOD, RECOVERY, STRUCTURED, GATES, OUTPUT = ("Input and target", "Method", "Recovery", "Structured", "Gates",
                                                       "Output")
+COMPUTE = "Compute"  # the prune stage's device, precision and memory; data-parallel under a launcher
 
 
 # Choices: --help lists them, a wrong value is one line and exit 2. The commands pass `.value` on, so the code
@@ -65,6 +67,25 @@ class CostModel(str, Enum):
 class RecoveryTarget(str, Enum):
     distill = "distill"
     noise = "noise"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+    auto = "auto"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class BenchBackend(str, Enum):
@@ -155,6 +176,19 @@ CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aw
 RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
                                   "distillation (--recovery-steps steps, default 300 for structured methods)",
                                   rich_help_panel=STRUCTURED)
+PrecisionOpt = typer.Option(Precision.fp32, "--precision", parser=_choice(Precision, "unknown --precision '{}'; known: {}"),
+                            help="ONNX precision: fp32 | fp16 (GPU targets) | int8 (QDQ UNet, calibrated here) | "
+                                 "auto (from the target and the UNet's size)", rich_help_panel=METHOD)
+DeviceOpt = typer.Option(Device.auto, "--device", parser=_choice(Device, "unknown --device '{}'; known: {}"),
+                         rich_help_panel=COMPUTE, help="where calibration, scoring and recovery run: auto (CUDA when "
+                         "torch sees a GPU) | cpu | cuda (exit 3 without one); baking and saving stay fp32 on the CPU")
+MixedPrecisionOpt = typer.Option(None, "--mixed-precision", rich_help_panel=COMPUTE,
+                                 parser=_choice(MixedPrecision, "unknown --mixed-precision '{}'; known: {}"),
+                                 help="autocast of calibration, scoring and recovery: no | bf16 | fp16 (default: "
+                                 "accelerate launch's --mixed_precision, else no)")
+CheckpointingOpt = typer.Option(False, "--gradient-checkpointing", rich_help_panel=COMPUTE,
+                                help="recompute the UNet's blocks in the backward passes of recovery and EcoDiff "
+                                "instead of keeping their activations (less GPU memory, more time)")
 ForceOpt = typer.Option(False, "--force", help="replace an existing --out", rich_help_panel=OUTPUT)
 PruneVaeOpt = typer.Option(False, "--prune-vae", help="prune the VAE too", rich_help_panel=METHOD)
 PruneTextOpt = typer.Option(False, "--prune-text-encoder", help="prune the text encoder(s) too (their Linear "
@@ -303,6 +337,13 @@ def show_export(r: dict) -> None:
                   f">= {q['min_accuracy']}", "yes" if q["accuracy_ok"] else "NO")
         t.add_row("PSNR / SSIM pruned vs dense", f"{_num(q['psnr_db'])} dB / {q['ssim']:.3f}", "", "")
     out.print(t)
+    p = r.get("precision") or {}
+    if p.get("precision", "fp32") != "fp32":
+        kept = {c: len(v["kept_float"]) for c, v in p["components"].items() if v["kept_float"]}
+        m = p.get("unet_measured")
+        out.print(f"precision {p['precision']}: " + ", ".join(p["components"])
+                  + (f" (nodes kept fp32: {', '.join(f'{c} {n}' for c, n in kept.items())})" if kept else "")
+                  + (f"; unet {m['speedup']:.2f}x fp32 on onnxruntime CPU here" if m else ""))
     out.print(f"speed-up source: {r['speedup_source']}")
 
 
@@ -332,6 +373,7 @@ def export(  # parameters in help-panel order: input and target, method, recover
     latency_aware: bool = LatencyAwareOpt,
     cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
+    precision: Precision = PrecisionOpt,
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile",
                                              rich_help_panel=GATES),
     image_checks: Optional[int] = ImageChecksOpt,
@@ -353,7 +395,7 @@ def export(  # parameters in help-panel order: input and target, method, recover
     run(do_export, str(model) if model else None, sparsity, target, method.value, pattern.value, scope.value, prune_vae,
         out_dir, force, min_psnr, log=log, image_checks=image_checks, image_steps=image_steps, as_json=as_json,
         show=show_export, tuning=tuning, quality=quality,
-        max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy)
+        max_fd_ratio=max_fd_ratio, min_accuracy=min_accuracy, precision=precision.value)
 
 
 @app.command()
@@ -377,21 +419,29 @@ def prune(  # parameters in help-panel order, as export's
     latency_aware: bool = LatencyAwareOpt,
     cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
+    device: Device = DeviceOpt,
+    mixed_precision: Optional[MixedPrecision] = MixedPrecisionOpt,
+    gradient_checkpointing: bool = CheckpointingOpt,
     out_dir: Path = typer.Option(Path("pruned"), "--out", "-o", help="pipeline directory to write", rich_help_panel=OUTPUT),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
-    """Prune and bake only; writes a pipeline dir that diffusers' loaders read back."""
+    """Prune and bake only; writes a pipeline dir that diffusers' loaders read back. Under `accelerate launch` or
+    `torchrun` each process is a data-parallel rank and only rank 0 writes."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
                   structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
-                  prune_text_encoder=prune_text_encoder)
+                  prune_text_encoder=prune_text_encoder,
+                  compute={"device": device.value, "mixed_precision": _value(mixed_precision),
+                           "gradient_checkpointing": gradient_checkpointing})
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
     from tinyprune.workflows.export import prune_to_dir
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under a launcher only rank 0 prints, as only it writes
     run(prune_to_dir, str(model) if model else None, sparsity, target, method.value, pattern.value, scope.value,
-        prune_vae, out_dir, force, log=log, as_json=as_json, tuning=tuning,
-        show=lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
-                                 + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
+        prune_vae, out_dir, force, log=log, as_json=as_json and main_rank, tuning=tuning,
+        show=None if not main_rank else
+        lambda r: out.print(f"pruned pipeline written to {r['out']}: sparsity "
+                            + ", ".join(f"{c} {s:.4f}" for c, s in r["sparsity"].items())))
 
 
 @app.command()
@@ -480,6 +530,8 @@ def verify(
                       "parses" if r["trt_version"] else f"; every ONNX file within {r['target']}'s max opset"
                       if r["target"] else "")
             out.print(f"{r['bundle']}: {r['files']} files match the manifest; all metadata claims hold{parser}")
+            if set(r["precision"].values()) - {"fp32"}:
+                out.print("precision: " + ", ".join(f"{c} {p}" for c, p in r["precision"].items()))
         else:
             for p in r["problems"]:
                 err.print(f"  {p}", markup=False)

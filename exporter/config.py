@@ -17,6 +17,7 @@ PATTERNS = ("unstructured", "2:4", "auto", "channel")
 AUTO_STRUCTURED = "diff-pruning"  # what --method auto picks for targets without sparse tensor cores
 SCOPES = ("global", "layer")
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "text_encoder")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class DeviceProfile:
     # torch-free runtime (numpy schedulers + ONNX) against the PyTorch pipeline, same seed and noise; optional
     # [gates] field. fp32 onnxruntime lands far above it; the margin is for fp16 engines.
     min_runtime_psnr_db: float = 30.0
+    # [precision.fp16] / [precision.int8]: drift tolerances and runtime PSNR of ONNX files in that precision
+    precision_gates: dict[str, "PrecisionGates"] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     jetpack: str = ""
     source: str = field(default="", compare=False)
@@ -62,12 +65,32 @@ class DeviceProfile:
     def is_jetson(self) -> bool:
         return bool(self.jetpack)
 
+    def for_precision(self, precision: str) -> "DeviceProfile":
+        """This profile with the gates of ONNX files in `precision`: its [precision.<p>] tolerances (components it
+        does not list keep the fp32 ones: they stay float) and runtime PSNR."""
+        from dataclasses import replace
+
+        if precision == "fp32":
+            return self
+        g = self.precision_gates[precision]
+        return replace(self, tolerance={**self.tolerance, **g.tolerance},
+                       min_runtime_psnr_db=g.min_runtime_psnr_db)
+
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
         d = asdict(self)
         d.pop("source")
         return d
+
+
+@dataclass(frozen=True)
+class PrecisionGates:
+    """A profile's [precision.<p>] table: fp16 rounding and int8 quantization move ONNX outputs further from
+    PyTorch's fp32 than fp32 reordering does, so they get their own drift tolerances and runtime PSNR."""
+
+    tolerance: dict[str, float]
+    min_runtime_psnr_db: float
 
 
 def _profiles_dir():
@@ -146,12 +169,7 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
         )
     shapes = _get(data, "shapes", dict, where)
     latent = shapes.get("latent", "native")
-    tolerance = _get(data, "tolerance", dict, where)
-    for comp, tol in tolerance.items():
-        if comp not in COMPONENTS:
-            raise InputError(f"{where}: [tolerance] has unknown component '{comp}'")
-        if not isinstance(tol, number) or isinstance(tol, bool) or not tol > 0:
-            raise InputError(f"{where}: [tolerance] field '{comp}' must be a positive number, got {tol!r}")
+    tolerance = _tolerances(_get(data, "tolerance", dict, where), f"{where} [tolerance]")
     gates = _get(data, "gates", dict, where)
     latency = _get(data, "latency_budget_ms", dict, where, {})
     for key, ms in latency.items():
@@ -168,9 +186,10 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
     precisions = tuple(_get(data, "precisions", list, where))
     if not precisions:
         raise InputError(f"{where}: field 'precisions' is empty")
-    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise InputError(f"{where}: field 'precisions' has unknown values {sorted(unknown)}")
+    precision_gates = _precision_gates(_get(data, "precision", dict, where, {}), precisions, where)
     return DeviceProfile(
         name=_get(data, "name", str, where),
         description=_get(data, "description", str, where),
@@ -185,15 +204,43 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
         workspace_mb=_get(data, "workspace_mb", int, where),
         batch=_range(_get(shapes, "batch", list, f"{where} [shapes]"), "batch", f"{where} [shapes]"),
         latent=None if latent == "native" else _range(latent, "latent", f"{where} [shapes]"),
-        tolerance={k: float(v) for k, v in tolerance.items()},
+        tolerance=tolerance,
         min_image_psnr_db=float(_get(gates, "min_image_psnr_db", number, f"{where} [gates]")),
         max_fd_ratio=float(_get(gates, "max_fd_ratio", number, f"{where} [gates]")),
         min_accuracy=float(_get(gates, "min_accuracy", number, f"{where} [gates]")),
         latency_budget_ms={k: float(v) for k, v in latency.items()},
         min_runtime_psnr_db=float(_get(gates, "min_runtime_psnr_db", number, f"{where} [gates]", 30.0)),
+        precision_gates=precision_gates,
         aliases=tuple(aliases),
         source=where,
     )
+
+
+def _tolerances(table: dict, where: str) -> dict[str, float]:
+    for comp, tol in table.items():
+        if comp not in COMPONENTS:
+            raise InputError(f"{where} has unknown component '{comp}'")
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+            raise InputError(f"{where} field '{comp}' must be a positive number, got {tol!r}")
+    return {k: float(v) for k, v in table.items()}
+
+
+def _precision_gates(tables: dict, precisions: tuple[str, ...], where: str) -> dict[str, PrecisionGates]:
+    """[precision.fp16] / [precision.int8]: one for every non-fp32 precision the profile lists, none for others."""
+    out = {}
+    for p in precisions:
+        if p == "fp32":
+            continue
+        table = tables.get(p)
+        if not isinstance(table, dict):
+            raise InputError(f"{where}: 'precisions' lists {p} but there is no [precision.{p}] table of its gates")
+        at = f"{where} [precision.{p}]"
+        out[p] = PrecisionGates(_tolerances(_get(table, "tolerance", dict, at), f"{at} tolerance"),
+                                float(_get(table, "min_runtime_psnr_db", (int, float), at)))
+    extra = set(tables) - set(out)
+    if extra:
+        raise InputError(f"{where}: [precision.{sorted(extra)[0]}] for a precision 'precisions' does not list")
+    return out
 
 
 def parse_sparsity(value: str | float) -> float:
@@ -308,6 +355,32 @@ class StructuredSpec:
             raise InputError(f"--recovery-minutes must be a number > 0, got {recovery_minutes!r}")
         return StructuredSpec(target_macs, bool(latency_aware), cost_model, normalize,
                               None if recovery_minutes is None else float(recovery_minutes))
+
+
+DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # accelerate's names (its --mixed_precision and ACCELERATE_MIXED_PRECISION)
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """Where the prune stage's learning and scoring run (prune/distributed.py): device "auto" (CUDA when torch sees
+    a GPU), "cpu" or "cuda"; mixed_precision: autocast dtype of calibration, scoring and recovery forwards (None:
+    what `accelerate launch --mixed_precision` set, else "no"); gradient_checkpointing: recompute UNet blocks in the
+    backward passes of recovery and EcoDiff's trajectory instead of keeping their activations. Baking, saving and
+    ONNX export always run on fp32 CPU weights."""
+
+    device: str = "auto"
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+
+    @staticmethod
+    def parse(device=None, mixed_precision=None, gradient_checkpointing=None) -> "ComputeSpec":
+        device = "auto" if device is None else device
+        if device not in DEVICES:
+            raise InputError(f"unknown --device '{device}'; known: {', '.join(DEVICES)}")
+        if mixed_precision is not None and mixed_precision not in MIXED_PRECISIONS:
+            raise InputError(f"unknown --mixed-precision '{mixed_precision}'; known: {', '.join(MIXED_PRECISIONS)}")
+        return ComputeSpec(device, mixed_precision, bool(gradient_checkpointing))
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def test_export_help_groups_options_in_panels():
     assert titles == ["Options", "Input and target", "Method", "Recovery", "Structured", "Gates", "Output"]
     r = invoke("prune", "--help")
     assert [line.strip("╭─╮ ") for line in r.stdout.splitlines() if line.startswith("╭")] == [
-        "Options", "Input and target", "Method", "Recovery", "Structured", "Output"]
+        "Options", "Input and target", "Method", "Recovery", "Structured", "Compute", "Output"]
     r = invoke("bench", "--help")
     assert r.exit_code == 0 and "<ort-cpu|ort-cuda|trt|torch" in r.stdout  # the choices, listed by --help
 

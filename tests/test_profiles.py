@@ -21,8 +21,8 @@ EXPECTED = {
     "jetson-agx-xavier": ("7.2", False, "5.1.2", "8.5.2", 17, 2, ("fp32", "fp16", "int8")),
     "jetson-nano": ("5.3", False, "4.6.1", "8.2.1", 13, 0, ("fp32", "fp16")),
     "x86-ampere-gpu": ("8.6", True, "", "10.0", 20, 0, ("fp32", "fp16", "int8")),
-    "x86-cpu": ("", False, "", "", 17, 0, ("fp32",)),
-    "arm64-cpu": ("", False, "", "", 17, 0, ("fp32",)),
+    "x86-cpu": ("", False, "", "", 17, 0, ("fp32", "int8")),
+    "arm64-cpu": ("", False, "", "", 17, 0, ("fp32", "int8")),
 }
 CPU_TARGETS = ("x86-cpu", "arm64-cpu")
 
@@ -91,7 +91,7 @@ def test_cpu_targets_have_no_gpu_facts():
     for name in CPU_TARGETS:
         p = load_profile(name)
         assert (p.compute_capability, p.trt_version, p.jetpack) == ("", "", "")
-        assert (p.sparse_tensor_cores, p.dla_cores, p.workspace_mb, p.precisions) == (False, 0, 0, ("fp32",))
+        assert (p.sparse_tensor_cores, p.dla_cores, p.workspace_mb, p.precisions) == (False, 0, 0, ("fp32", "int8"))
 
 
 def test_budgets_shapes_tolerances_and_gates():

@@ -40,8 +40,8 @@ def _problems(root, target=None) -> list[str]:
 
 def test_an_honest_bundle_passes(tmp_path):
     root = _bundle(tmp_path)
-    assert verify(root) == {"bundle": str(root), "files": 2, "problems": [], "target": "x86-cpu", "trt_version": "",
-                            "ok": True}
+    assert verify(root) == {"bundle": str(root), "files": 2, "problems": [], "precision": {"unet": "fp32"},
+                            "target": "x86-cpu", "trt_version": "", "ok": True}
     assert verify(root, "jetson")["target"] == "jetson-orin-nano"
     assert verify(root, "jetson")["trt_version"] == "10.3"
 
@@ -136,3 +136,11 @@ def test_components_after_a_missing_one_are_still_checked(tmp_path):
     (root / MANIFEST).write_text(json.dumps(manifest))
     (problem,) = _problems(root)
     assert problem.startswith("unet/model.onnx: tinyprune.sparsity claims 0.900000")
+
+
+def test_a_precision_the_file_does_not_have(tmp_path):
+    """The manifest's precision of a component against its file's; the file's claim against its weights."""
+    root = _bundle(tmp_path, extra={"components": {"unet": {"file": "unet/model.onnx", "precision": "int8"}}})
+    assert _problems(root) == ["unet/model.onnx: the manifest says int8, the file fp32"]
+    root = _bundle(tmp_path / "claim", _edit(_model(), precision="fp16"))
+    assert _problems(root) == ["unet/model.onnx: tinyprune.precision claims fp16, the weights are fp32"]

@@ -1,6 +1,7 @@
 """Sparsity as the ONNX file holds it: recomputed from the initializers, never taken on trust.
 
-Prunable initializers are the weight inputs of Conv, ConvTranspose, MatMul and Gemm nodes. TensorRT
+Prunable initializers are the weight inputs of Conv, ConvTranspose, MatMul and Gemm nodes (through the
+DequantizeLinear of an int8 QDQ file or the Cast of an fp16 node kept fp32: the initializer behind them). TensorRT
 reads 2:4 along the reduction axis: Conv weight [K, C, R, S] -> axis 1; MatMul B [in, out] (the
 transpose of torch's Linear weight) -> axis 0; Gemm B -> axis 1 when transB=1, else axis 0.
 """
@@ -16,19 +17,28 @@ from onnx import numpy_helper
 PREFIX = "tinyprune."
 
 
+WEIGHT_PASSES = ("DequantizeLinear", "Cast")  # int8 QDQ and fp16 files put these between initializer and node
+
+
 def _weight_axes(graph: onnx.GraphProto) -> dict[str, int]:
     inits = {i.name for i in graph.initializer}
+    through = {o: n.input[0] for n in graph.node if n.op_type in WEIGHT_PASSES for o in n.output}
     axes = {}
     for node in graph.node:
-        if len(node.input) < 2 or node.input[1] not in inits:
+        if len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        while weight in through and weight not in inits:
+            weight = through[weight]
+        if weight not in inits:
             continue
         if node.op_type in ("Conv", "ConvTranspose"):
-            axes[node.input[1]] = 1 if node.op_type == "Conv" else 0
+            axes[weight] = 1 if node.op_type == "Conv" else 0
         elif node.op_type == "MatMul":
-            axes[node.input[1]] = 0
+            axes[weight] = 0
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axes[node.input[1]] = 1 if trans_b else 0
+            axes[weight] = 1 if trans_b else 0
     return axes
 
 
@@ -59,6 +69,16 @@ def tensor_figures(model: onnx.ModelProto, base_dir: str = "") -> dict[str, dict
     return out
 
 
+def weights_precision(model: onnx.ModelProto) -> str:
+    """The precision the prunable weights are stored in: int8 where any is (QDQ), else fp16 where any is, else fp32
+    (an fp16 file's nodes kept fp32 keep fp32 weights beside the fp16 ones)."""
+    axes = _weight_axes(model.graph)
+    types = {i.data_type for i in model.graph.initializer if i.name in axes}
+    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}:
+        return "int8"
+    return "fp16" if onnx.TensorProto.FLOAT16 in types else "fp32"
+
+
 def global_sparsity(figures: dict[str, dict]) -> float:
     total = sum(f["numel"] for f in figures.values())
     return round(sum(f["zeros"] for f in figures.values()) / total, 6) if total else 0.0
@@ -66,7 +86,7 @@ def global_sparsity(figures: dict[str, dict]) -> float:
 
 def sparsity_metadata(model: onnx.ModelProto, *, version: str, component: str, method: str, pattern: str,
                       profile: str, source_sha256: str, base_dir: str = "",
-                      params_dense: int | None = None) -> dict[str, str]:
+                      params_dense: int | None = None, precision: str = "fp32") -> dict[str, str]:
     """params_dense (channel pruning): the dense model's prunable parameters; the file then also claims
     tinyprune.params (its own prunable initializer elements, recomputable) and tinyprune.params_removed
     (1 - params / params_dense). Removed channels leave no zeros, so tinyprune.sparsity stays 0 there."""
@@ -87,7 +107,22 @@ def sparsity_metadata(model: onnx.ModelProto, *, version: str, component: str, m
         PREFIX + "tensors": json.dumps(tensors, sort_keys=True, separators=(",", ":")),
         PREFIX + "profile": profile,
         PREFIX + "source_sha256": source_sha256,
+        PREFIX + "precision": precision,
     }
+
+
+STAMPED = ("version", "component", "method", "pattern", "profile", "source_sha256")
+
+
+def restamp(model: onnx.ModelProto, precision: str, base_dir: str = "") -> dict[str, str]:
+    """Recompute a stamped file's figures after its weights were rewritten (fp16, int8: new initializers), keeping
+    what it claims about its origin; returns the new metadata."""
+    old = read_metadata(model)
+    dense = old.get(PREFIX + "params_dense")
+    meta = sparsity_metadata(model, **{k: old[PREFIX + k] for k in STAMPED}, base_dir=base_dir,
+                             params_dense=int(dense) if dense else None, precision=precision)
+    set_metadata(model, meta)
+    return meta
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
@@ -143,6 +178,9 @@ def check_claims(model: onnx.ModelProto, base_dir: str = "") -> list[str]:
         if dense <= 0 or abs(removed - (1 - params / dense)) > 1e-6:
             problems.append(f"tinyprune.params_removed claims {removed}, 1 - params/params_dense is "
                             f"{(1 - params / dense) if dense > 0 else float('nan'):.6f}")
+    precision = meta.get(PREFIX + "precision")  # files of tinyprune before precisions claim none
+    if precision is not None and precision != weights_precision(model):
+        problems.append(f"tinyprune.precision claims {precision}, the weights are {weights_precision(model)}")
     pattern = meta.get(PREFIX + "pattern")
     if pattern == "2:4" and not any(f["pattern"] == "2:4" for f in figures.values()):
         problems.append("tinyprune.pattern is 2:4 but no tensor is 2:4")

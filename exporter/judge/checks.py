@@ -42,6 +42,7 @@ class CheckOptions:
     min_accuracy: float | None = None
     is_demo: bool = False  # the quality gates apply by default to the demo pipeline only
     dense_bundle: Path | None = None  # validate --dense: its runtime is checked against the dense pipeline too
+    precision: str = "fp32"  # of the bundle's files; lower ones are judged on the bundle's runtime (QualityCheck)
 
     @property
     def images(self) -> bool:
@@ -244,9 +245,11 @@ class RuntimeDriftCheck(Check):
 
 
 class QualityCheck(Check):
-    """The digit yardstick's gates (FD ratio to dense, class accuracy), where it applies (judge/gates.py)."""
+    """The digit yardstick's gates (FD ratio to dense, class accuracy), where it applies (judge/gates.py): dense
+    PyTorch samples against the pruned PyTorch pipeline's, or, when the bundle's files are fp16 or int8, against
+    the bundle runtime's (what the device will run)."""
 
-    key, phases = "quality", ("dense", "pruned")
+    key, phases = "quality", ("dense", "pruned", "bundle")
 
     def dense(self, pipe):
         from tinyprune.judge import gates
@@ -263,11 +266,21 @@ class QualityCheck(Check):
         from tinyprune.judge import gates
         from tinyprune.judge.quality import NUM_DIGITS
 
-        if self.dense_q is None:
+        if self.dense_q is None or self.options.precision != "fp32":
             return
         o = self.options
         with self.stage("pruned quality samples"):
             self.pruned_q = gates.draw(pipe, len(self.dense_q.labels) // NUM_DIGITS)
+            self.result = gates.judge(self.dense_q, self.pruned_q, o.profile, o.max_fd_ratio, o.min_accuracy)
+
+    def bundle(self, root):
+        from tinyprune.judge import gates
+
+        o = self.options
+        if self.dense_q is None or o.precision == "fp32":
+            return
+        with self.stage(f"pruned {o.precision} quality samples (bundle runtime)"):
+            self.pruned_q = gates.draw_runtime(root, self.dense_q)
             self.result = gates.judge(self.dense_q, self.pruned_q, o.profile, o.max_fd_ratio, o.min_accuracy)
 
     def write_grid(self, path: Path) -> Path | None:

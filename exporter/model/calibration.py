@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tinyprune.errors import InputError
-from tinyprune.model.families import Cond
+from tinyprune.model.families import Cond, move_cond
 from tinyprune.model.pipeline import Pipeline
 from tinyprune.model.sampling import sample_latents
 
@@ -31,6 +31,10 @@ class Batch:
     cond: Cond  # the UNet's conditioning keyword arguments (the family's): unet(x_t, t, **cond)
     noise: torch.Tensor  # the epsilon target
     x0: torch.Tensor  # clean latents (LD-Pruner-style scores compare outputs against them)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.x_t.to(device), self.t.to(device), move_cond(self.cond, device), self.noise.to(device),
+                     self.x0.to(device))
 
 
 @dataclass(frozen=True)

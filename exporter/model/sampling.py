@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from tinyprune.model.families import cat_cond
+from tinyprune.model.families import cat_cond, move_cond
 from tinyprune.model.pipeline import Pipeline
 
 DEFAULT_STEPS = 20
@@ -37,14 +37,16 @@ def sample_latents(pipe: Pipeline, conditions: list, seed: int = 0, steps: int =
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     b = len(conditions)
-    latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size))
+    device = next(pipe.unet.parameters()).device  # the prune stage may host the UNet on a GPU (text encoders: CPU)
+    latents = torch.from_numpy(initial_noise(seed, b, pipe.latent_channels, size or pipe.latent_size)).to(device)
     latents = latents * scheduler.init_noise_sigma
     family = pipe.family
-    cond, uncond = family.condition(conditions, size), family.null_condition(b, size)
+    cond = move_cond(family.condition(conditions, size), device)
+    uncond = move_cond(family.null_condition(b, size), device)
     for t in scheduler.timesteps:
         eps = guided_eps(pipe.unet, scheduler.scale_model_input(latents, t), t, cond, uncond, guidance)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
-    return latents
+    return latents.cpu()
 
 
 def guided_eps(unet, x: torch.Tensor, t, cond, uncond, guidance: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from tinyprune.prune.masks import NM_AXIS, n_of_m, nm_eligible
 from tinyprune.prune.recovery import denoising_loss, mean_loss
+from tinyprune.prune.distributed import LOCAL, Engine
 
 MIN_2TO4_CHANNELS = 64
 
@@ -44,21 +45,21 @@ def energy_lost(w: torch.Tensor, mask: torch.Tensor) -> float:
 
 @torch.no_grad()
 def sensitivity(model: torch.nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                batches, forward=denoising_loss) -> tuple[float, dict[str, float]]:
+                batches, forward=denoising_loss, engine: Engine = LOCAL) -> tuple[float, dict[str, float]]:
     """Loss on `batches` of the dense model, and its increase when each masked layer alone is applied."""
-    base = mean_loss(model, batches, forward)
+    base = mean_loss(model, batches, forward, engine)
     out = {}
     for name, mask in masks.items():
         w = weights[name]
         saved = w.detach().clone()
         w.mul_(mask.to(w.dtype))
-        out[name] = mean_loss(model, batches, forward) - base
+        out[name] = mean_loss(model, batches, forward, engine) - base
         w.copy_(saved)
     return base, out
 
 
 def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-           sparsity: float, batches=None, forward=denoising_loss):
+           sparsity: float, batches=None, forward=denoising_loss, engine: Engine = LOCAL):
     """2:4 masks on the least sensitive eligible layers until `sparsity` of all prunable weights is zero.
 
     Each chosen layer contributes exactly half its weights; the achieved sparsity is the largest reachable
@@ -78,7 +79,7 @@ def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dic
     # of holding a bool mask per eligible layer (0.86 GB for an SD-1.5 UNet).
     candidates = _LazyMasks(list(candidates), scores)
     if batches:
-        _, sens = sensitivity(model, weights, candidates, batches, forward)
+        _, sens = sensitivity(model, weights, candidates, batches, forward, engine)
         key = "sensitivity"
     else:
         sens = {name: energy_lost(weights[name], m) for name, m in candidates.items()}

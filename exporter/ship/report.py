@@ -8,14 +8,31 @@ from tinyprune.prune.plan import MaskedComponent, PrunePlan
 from tinyprune.ship.bundle import write_json
 
 
-def speedup_source(profile, pattern: str) -> str:
+def speedup_source(profile, pattern: str, precision: str = "fp32") -> str:
+    """Where a speed-up can come from on the target: the pruning's pattern, then the precision of the files."""
     if pattern == "channel":
-        return "structured: channels, heads and whole operators removed; a smaller network is faster on every runtime"
-    if pattern == "2:4" and profile.sparse_tensor_cores:
-        return "2:4 sparse tensor cores (TensorRT picks sparse kernels where they are faster; see build log)"
-    if profile.sparse_tensor_cores:
-        return "none: unstructured zeros run dense; 2:4 (--pattern 2:4) would use this target's sparse tensor cores"
-    return "none from zeros on this target: only structured pruning (fewer channels/heads) is faster here"
+        source = "structured: channels, heads and whole operators removed; a smaller network is faster on every runtime"
+    elif pattern == "2:4" and profile.sparse_tensor_cores:
+        source = "2:4 sparse tensor cores (TensorRT picks sparse kernels where they are faster; see build log)"
+    elif profile.sparse_tensor_cores:
+        source = "none: unstructured zeros run dense; 2:4 (--pattern 2:4) would use this target's sparse tensor cores"
+    else:
+        source = "none from zeros on this target: only structured pruning (fewer channels/heads) is faster here"
+    return source + "; " + _precision_source(profile, precision)
+
+
+def _precision_source(profile, precision: str) -> str:
+    if precision == "int8" and profile.has_tensorrt:
+        return ("precision: int8 tensor cores through TensorRT's explicit quantization (the QDQ scales; "
+                "trtexec --int8)" + (", DLA int8" if profile.dla_cores else ""))
+    if precision == "int8":
+        return ("precision: onnxruntime's int8 kernels (VNNI or AVX2 on x86, dot-product on ARM); they pay on "
+                "large UNets, not on small ones: the report's measured figure says which this is")
+    if precision == "fp16":
+        return "precision: fp16 tensor cores (weights and compute in fp16)"
+    if profile.has_tensorrt and "fp16" in profile.precisions:
+        return "precision: fp32 files; the engine build adds --fp16 where TensorRT's version takes it"
+    return "precision: fp32"
 
 
 def _fmt(x) -> str:

@@ -60,8 +60,9 @@ def trtexec_command(component: str, comp: dict, profile: DeviceProfile, dla: boo
 
     Flags follow the target's TensorRT version: --memPoolSize from 8.4 on (--workspace before), layer info
     export from 8.4, --skipInference from 8.6 (--buildOnly before), no precision flags from 11 (strongly typed
-    networks only: precision comes from the ONNX types). No --int8: the bundle carries no calibration, and
-    trtexec's --int8 without --calib uses placeholder ranges that give wrong images.
+    networks only: precision comes from the ONNX types). --int8 only for an int8 QDQ file (explicit quantization:
+    the scales are in its QuantizeLinear/DequantizeLinear nodes); on an fp32 file trtexec's --int8 without --calib
+    uses placeholder ranges that give wrong images.
     """
     _check_target(profile, dla)
     version = trt_version_tuple(profile.trt_version)
@@ -69,6 +70,8 @@ def trtexec_command(component: str, comp: dict, profile: DeviceProfile, dla: boo
     argv = ["trtexec", f"--onnx={comp['file']}", f"--saveEngine=build/{component}.engine"]
     if dla or ("fp16" in profile.precisions and version < (11,)):
         argv.append("--fp16")
+    if comp.get("precision") == "int8" and version < (11,):
+        argv.append("--int8")
     if profile.sparse_tensor_cores and comp["tensors_2to4"]:
         argv.append("--sparsity=enable")
     if dla:  # DLA needs static shapes: build the opt shape only
@@ -368,6 +371,8 @@ def _config(trt, builder, comp: dict, profile: DeviceProfile, dla: bool, cache_p
     # TensorRT 11 removed the FP16 flag (and platform_has_fast_fp16): precision then comes from the ONNX types.
     if hasattr(trt.BuilderFlag, "FP16") and "fp16" in profile.precisions and (dla or builder.platform_has_fast_fp16):
         config.set_flag(trt.BuilderFlag.FP16)
+    if comp.get("precision") == "int8" and version < (11,):
+        argv.append("--int8")
     if profile.sparse_tensor_cores and comp["tensors_2to4"]:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     if profile.workspace_mb:

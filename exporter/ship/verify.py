@@ -18,7 +18,7 @@ def verify(bundle: Path, target: str | None = None) -> dict:
     from tinyprune.config import load_profile
     from tinyprune.export.trt_parser import unparseable
     from tinyprune.export.writer import load_onnx
-    from tinyprune.export.metadata import check_claims
+    from tinyprune.export.metadata import check_claims, read_metadata
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -37,16 +37,20 @@ def verify(bundle: Path, target: str | None = None) -> dict:
             problems.append(f"{rel}: checksum mismatch")
     extra = sorted(set(file_table(bundle)) - set(manifest.get("files", {})))
     problems += [f"{rel}: not in the manifest" for rel in extra]
+    precisions = {}
     for name, comp in sorted(manifest.get("components", {}).items()):
         path = bundle / comp["file"]
         if not path.is_file() or any(p.startswith(comp["file"]) for p in problems):
             continue
         model = load_onnx(path, load_data=False)
         problems += [f"{comp['file']}: {p}" for p in check_claims(model, str(path.parent))]
+        precisions[name] = read_metadata(model).get("tinyprune.precision", "fp32")  # check_claims checked it
+        if comp.get("precision", precisions[name]) != precisions[name]:
+            problems.append(f"{comp['file']}: the manifest says {comp['precision']}, the file {precisions[name]}")
         if profile is not None:
             problems += [str(p) for p in unparseable(model, profile, file=comp["file"])]
     result = {"bundle": str(bundle), "files": len(manifest.get("files", {})), "problems": problems,
-              "target": profile.name if profile else None,
+              "precision": precisions, "target": profile.name if profile else None,
               "trt_version": profile.trt_version if profile else None, "ok": not problems}
     if problems:
         raise GateFailed(f"verify failed: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), result)

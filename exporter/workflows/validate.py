@@ -59,8 +59,10 @@ def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float |
         raise InputError(f"{model_dir} is not the pipeline {bundle} was made from (source sha256 differs)")
     if dense is not None:
         dense = check_dense_bundle(dense, manifest)
-    checks = Checks(CheckOptions(profile, min_psnr_db, image_checks, image_steps, quality, max_fd_ratio, min_accuracy,
-                                 is_demo=manifest["source"]["model"] == "demo", dense_bundle=dense), log=log)
+    precision = manifest.get("precision", "fp32")  # bundles before precisions were fp32
+    checks = Checks(CheckOptions(profile.for_precision(precision), min_psnr_db, image_checks, image_steps, quality,
+                                 max_fd_ratio, min_accuracy, is_demo=manifest["source"]["model"] == "demo",
+                                 dense_bundle=dense, precision=precision), log=log)
     # One pipeline in memory at a time: the dense one, then the pruned one, then ONNX sessions.
     dense_pipe = load_pipeline(model_dir)
     checks.dense(dense_pipe)
@@ -72,7 +74,7 @@ def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float |
     checks.bundle(bundle)
     plan = PrunePlan.from_dict(json.loads((bundle / "pruned" / "pruning_plan.json").read_text()))
     result = ValidateResult(bundle, profile.name, manifest["method"], manifest["pattern"], manifest["sparsity"],
-                            plan.sparsity(), speedup_source(profile, manifest["pattern"]), checks.done())
+                            plan.sparsity(), speedup_source(profile, manifest["pattern"], precision), checks.done())
     if not result:
         raise GateFailed(result.checked.verdict.message(), result.to_dict())
     return result

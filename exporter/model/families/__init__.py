@@ -4,7 +4,8 @@ encodes and decodes, and which ONNX components it has. Everything outside model/
 from __future__ import annotations
 
 from tinyprune.errors import InputError
-from tinyprune.model.families.base import ComponentIO, Cond, Family, cat_cond, flat_cond, repeat_cond, take_cond
+from tinyprune.model.families.base import (ComponentIO, Cond, Family, cat_cond, flat_cond, move_cond, repeat_cond,
+                                           take_cond)
 from tinyprune.model.families.text import LatentConsistencyFamily, StableDiffusionFamily, StableDiffusionXLFamily
 from tinyprune.model.families.unconditional import DDPMFamily, LDMFamily
 
@@ -24,5 +25,5 @@ def family_for(index: dict, where: str) -> type[Family]:
     raise InputError(f"{where}: pipeline {cls} ({parts}) is not supported; supported: {supported}")
 
 
-__all__ = ["FAMILIES", "ComponentIO", "Cond", "Family", "cat_cond", "family_for", "flat_cond", "repeat_cond",
+__all__ = ["FAMILIES", "ComponentIO", "Cond", "Family", "cat_cond", "family_for", "flat_cond", "move_cond", "repeat_cond",
            "take_cond"]

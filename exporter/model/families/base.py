@@ -34,6 +34,13 @@ def repeat_cond(cond: Cond, copies: int) -> Cond:
             for k, v in cond.items()}
 
 
+def move_cond(cond: Cond | None, device) -> Cond | None:
+    """The conditioning on `device`: the text encoders stay on the CPU, the UNet may run on a GPU."""
+    if cond is None:
+        return None
+    return {k: move_cond(v, device) if isinstance(v, dict) else v.to(device) for k, v in cond.items()}
+
+
 def flat_cond(cond: Cond) -> dict[str, torch.Tensor]:
     """The conditioning as the UNet's ONNX inputs see it: added_cond_kwargs' entries beside the others."""
     out = {}

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 
 from tinyprune.prune.bake import apply_masks
+from tinyprune.prune.distributed import LOCAL, Engine
 from tinyprune.prune.masks import prunable_weights, unstructured
 from tinyprune.prune.recovery import denoising_loss, mean_loss, recover
 
@@ -46,18 +47,24 @@ def _grads_on(params):
             p.grad = None
 
 
-def gradient_magnitudes(model: torch.nn.Module, batches, forward=denoising_loss) -> dict[str, torch.Tensor]:
-    """Mean over batches of |dL_b/dw| for every prunable weight of `model` (model-level work)."""
+def gradient_magnitudes(model: torch.nn.Module, batches, forward=denoising_loss,
+                        engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
+    """Mean over batches of |dL_b/dw| for every prunable weight of `model` (model-level work). On several ranks
+    each takes whole batches and the sums are all-reduced: |.| is per batch, so a batch is never split."""
     weights = prunable_weights(model)
     acc = {name: torch.zeros_like(w) for name, w in weights.items()}
     with _grads_on(weights.values()):
-        for batch in batches:
+        for batch in engine.shard(batches):
             for w in weights.values():
                 w.grad = None
-            forward(model, batch).backward()
+            with engine.autocast():
+                loss = forward(model, batch)
+            engine.backward(loss)
             for name, w in weights.items():
                 if w.grad is not None:
                     acc[name] += w.grad.abs()
+    engine.sum_(acc.values())
+    engine.unscale(acc.values(), "l1-grad gradients")
     return {name: a / max(1, len(batches)) for name, a in acc.items()}
 
 
@@ -106,13 +113,13 @@ def _remask(weights, new, old, saved) -> int:
 def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler, alpha: float = 1.0,
                   beta: float = 1.0, l1: float = 1e-5, recovery_steps: int = 200, iterations: int = 4,
                   lr: float = 1e-4, scope: str = "global", forward=denoising_loss, seed: int = 0,
-                  teacher: torch.nn.Module | None = None,
-                  log=lambda msg: None) -> tuple[dict[str, torch.Tensor], dict]:
+                  teacher: torch.nn.Module | None = None, log=lambda msg: None,
+                  engine: Engine = LOCAL) -> tuple[dict[str, torch.Tensor], dict]:
     """The iterative schedule; prunes `model` in place. Returns the final masks (exactly
     round(sparsity * n) zeros, global or per layer) and a record of what happened."""
     weights = prunable_weights(model)
-    loss_dense = mean_loss(model, batches, forward)
-    grads = gradient_magnitudes(model, batches, forward)
+    loss_dense = mean_loss(model, batches, forward, engine)
+    grads = gradient_magnitudes(model, batches, forward, engine)
     scale = norms(weights, grads)
     saved = {n: w.detach().clone() for n, w in weights.items()}  # the value each weight had when pruned
     masks, regrown, steps_log = None, 0, []
@@ -121,12 +128,12 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
     for k in range(1, iterations + 1):
         s_k = ramp(sparsity, k, iterations)
         if k > 1:
-            grads = gradient_magnitudes(model, batches, forward)  # of the pruned, recovered model
+            grads = gradient_magnitudes(model, batches, forward, engine)  # of the pruned, recovered model
         new = unstructured(l1_grad_scores(weights, grads, alpha, beta, scale), s_k, scope)
         back = _remask(weights, new, masks, saved)
         masks = new
         entry = {"iteration": k, "sparsity": round(s_k, 6), "regrown_at_prune": back,
-                 "loss_after_prune": round(mean_loss(model, batches, forward), 6)}
+                 "loss_after_prune": round(mean_loss(model, batches, forward, engine), 6)}
         steps = per_iter[k - 1]
         if steps:
             ema = {n: g.clone() for n, g in grads.items()}
@@ -143,9 +150,9 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
                 return new
 
             masks, rec = recover(model, masks, batches, steps, scheduler=scheduler, lr=lr, l1=l1, forward=forward,
-                                 seed=seed + k, on_step=on_step, teacher=teacher)
+                                 seed=seed + k, on_step=on_step, teacher=teacher, engine=engine)
             entry.update(recovery=rec, regrown_in_recovery=count[0],
-                         loss_after_recovery=round(mean_loss(model, batches, forward), 6))
+                         loss_after_recovery=round(mean_loss(model, batches, forward, engine), 6))
             back += count[0]
         regrown += back
         steps_log.append(entry)
@@ -155,5 +162,5 @@ def prune_l1_grad(model: torch.nn.Module, batches, sparsity: float, *, scheduler
     info = {"alpha": alpha, "beta": beta, "l1": l1, "lr": lr, "iterations": iterations,
             "recovery_steps": recovery_steps, "recovery_target": "distill" if teacher is not None else "noise",
             "regrown": regrown, "loss_dense": round(loss_dense, 6),
-            "loss_pruned": round(mean_loss(model, batches, forward), 6), "schedule": steps_log}
+            "loss_pruned": round(mean_loss(model, batches, forward, engine), 6), "schedule": steps_log}
     return masks, info

@@ -10,16 +10,21 @@ the dense outputs give a per-element mean mu and variance var across samples; wi
 
 the sum of the change of the mean and of the variance (LD-Pruner's operator score, applied per unit;
 normalised by sqrt(d) so the figure does not grow with the latent size). `chunk` units are evaluated in
-one forward by giving each copy of the calibration batch its own gates.
+one forward by giving each copy of the calibration batch its own gates. On several ranks each scores its share of
+the chunks, every forward the one a single process runs, and the scores are all-reduced (the other ranks add
+zeros): the same scores as one process.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
 from tinyprune.model.families import cat_cond, repeat_cond
 from tinyprune.model.structure import Group
 
+from tinyprune.prune.distributed import LOCAL, Engine
 from tinyprune.prune.structured.gates import Gates
 
 DEFAULT_CHUNK = 8
@@ -37,7 +42,7 @@ def score_of(mu, var, mu_ref, var_ref) -> float:
 
 @torch.no_grad()
 def latent_stats(unet, groups: list[Group], batches, *, chunk: int = DEFAULT_CHUNK, log=lambda msg: None,
-                 info: dict | None = None) -> dict[str, torch.Tensor]:
+                 info: dict | None = None, engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
     """{group path: importance per unit}."""
     x = torch.cat([b.x_t for b in batches])
     t = torch.cat([b.t for b in batches])
@@ -46,25 +51,27 @@ def latent_stats(unet, groups: list[Group], batches, *, chunk: int = DEFAULT_CHU
 
     def run(gates: Gates | None, copies: int):
         xs, ts, cs = x.repeat(copies, 1, 1, 1), t.repeat(copies), repeat_cond(cond, copies)
-        if gates is None:
-            return unet(xs, ts, **cs).sample
-        with gates:
+        with engine.autocast(), gates or nullcontext():
             return unet(xs, ts, **cs).sample
 
     mu_ref, var_ref = _stats(run(None, 1))
     scores, forwards = {}, 1
     for g in groups:
-        s = torch.zeros(g.units)
+        s = torch.zeros(g.units, dtype=torch.float64)  # float64: the scores of score_of, all-reduced exactly
         for start in range(0, g.units, chunk):
+            forwards += 1
+            if (forwards - 2) % engine.world != engine.rank:  # chunks round robin over the ranks
+                continue
             units = list(range(start, min(g.units, start + chunk)))
-            gate = torch.ones(len(units) * n, g.units)
+            gate = torch.ones(len(units) * n, g.units, device=x.device)
             for k, u in enumerate(units):
                 gate[k * n:(k + 1) * n, u] = 0.0
             out = run(Gates(unet, [g], {g.path: gate}), len(units)).view(len(units), n, *x.shape[1:])
-            forwards += 1
             for k, u in enumerate(units):
                 s[u] = score_of(*_stats(out[k]), mu_ref, var_ref)
-        scores[g.path] = s
+        scores[g.path] = s.to(x.device)
+    engine.sum_(scores.values())
+    scores = {path: s.cpu().float() for path, s in scores.items()}
     log(f"ld-pruner: {sum(g.units for g in groups)} units scored on {n} calibration latents in {forwards} forwards")
     if info is not None:
         info.update({"calibration_latents": n, "forwards": forwards})

@@ -8,6 +8,8 @@ and fixed noise, re-noised at t) is back-propagated and its gradient added; L_ma
 far, and accumulation stops after the first timestep whose loss falls under threshold * L_max
 (L_t / L_max < T): later, noisier steps have converged, uninformative gradients. The reference visits all
 1000 training timesteps one by one; `stride` visits every stride-th (same rule, fewer backward passes).
+On several ranks each takes whole calibration batches; L_t is all-reduced at every timestep (every rank stops at
+the same one) and the accumulated gradients once, before |w * dL/dw|.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyprune.model.structure import Group
+from tinyprune.prune.distributed import LOCAL, Engine
 
 from tinyprune.prune.structured.groups import unit_params, unit_sums
 
@@ -24,8 +27,8 @@ DEFAULT_STRIDE = 20
 
 
 def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold: float = DEFAULT_THRESHOLD,
-                    stride: int | None = None, log=lambda msg: None, info: dict | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    stride: int | None = None, log=lambda msg: None, info: dict | None = None,
+                    engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
     """{group path: importance per unit}; `info` (a dict) receives the timesteps used and their losses."""
     stride = DEFAULT_STRIDE if stride is None else stride
     params = {id(p): p for g in groups for p, _, _ in unit_params(unet, g)}
@@ -38,21 +41,25 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
         p.requires_grad_(True)
     n_train = scheduler.config.num_train_timesteps
     used, loss_max = [], 0.0
+    n = sum(len(b.x0) for b in batches)
     try:
         for t in range(0, n_train, stride):
             loss_t = 0.0
-            n = sum(len(b.x0) for b in batches)
-            for b in batches:
-                tt = torch.full((len(b.x0),), t, dtype=torch.long)
+            for b in engine.shard(batches):
+                tt = torch.full((len(b.x0),), t, dtype=torch.long, device=b.x0.device)
                 x_t = scheduler.add_noise(b.x0, b.noise, tt)
-                loss = F.mse_loss(unet(x_t, tt, **b.cond).sample, b.noise)
+                with engine.autocast():
+                    loss = F.mse_loss(unet(x_t, tt, **b.cond).sample.float(), b.noise)
                 if loss.requires_grad:  # (no group parameters: only the losses are wanted)
-                    (loss * len(b.x0) / n).backward()
+                    engine.backward(loss * len(b.x0) / n)
                 loss_t += float(loss.detach()) * len(b.x0) / n
+            loss_t = engine.total(loss_t)[0]
             used.append((t, round(loss_t, 6)))
             loss_max = max(loss_max, loss_t)
             if loss_t < threshold * loss_max:
                 break
+        engine.sum_grads(params.values())
+        engine.unscale([p.grad for p in params.values() if p.grad is not None], "diff-pruning gradients")
         scores = {g.path: unit_sums(unet, g, lambda p: (p * p.grad).abs() if p.grad is not None else None).float()
                   for g in groups}
     finally:

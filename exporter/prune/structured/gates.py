@@ -32,7 +32,7 @@ class Gates:
             if v is None:
                 return None
             x = args[0]
-            gate = v.to(x.dtype).repeat_interleave(g.width, dim=-1)
+            gate = v.to(device=x.device, dtype=x.dtype).repeat_interleave(g.width, dim=-1)
             if layout == "nchw":  # [C] or [B, C] -> [.., C, 1, 1]
                 gate = gate.view(*gate.shape, 1, 1) if gate.dim() == 1 else gate.view(gate.shape[0], -1, 1, 1)
             elif gate.dim() == 2:  # tokens: [B, C] -> [B, 1, C]

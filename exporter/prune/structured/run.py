@@ -8,6 +8,9 @@ Methods, each an importance function over model/structure.py's find_groups():
 The UNet is changed in place and physically smaller afterwards; the plan records what went and the new
 shapes (also kept on the model as `unet.tinyprune_structure`, written to unet/structure.json on save and
 used by pipeline.load_pipeline to rebuild the shapes before loading the safetensors weights).
+
+With an engine on a GPU the UNet goes there for the scoring and the distillation only; MAC counts, cost tables,
+allocation and surgery are bookkeeping on the CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from tinyprune.prune.structured.allocation import Target, allocate
 
 from tinyprune.prune.structured.cost import count_macs, ort_cost_table, token_counts, unit_macs
+from tinyprune.model.families import move_cond
 from tinyprune.model.structure import find_groups
+from tinyprune.prune.distributed import LOCAL, Engine
 from tinyprune.prune.plan import STRUCTURED_PATTERN, PrunePlan, StructuredComponent
 from tinyprune.prune.structured.groups import prunable_params
 from tinyprune.prune.structured.surgery import collapse_single_token_attention, remove_units
@@ -29,26 +34,27 @@ STRUCTURED_METHODS = ("diff-pruning", "ld-pruner", "ecodiff")
 
 
 def score(method: str, unet, groups, batches, *, pipe, seed: int = 0, log=lambda msg: None, info=None,
-          options: dict | None = None) -> dict[str, torch.Tensor]:
+          options: dict | None = None, engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
     """Importance per unit of every group, by the named method (the plain functions of importance/)."""
     options = dict(options or {})
     if method == "diff-pruning":
         from tinyprune.prune.importance.taylor_timestep import taylor_timestep
 
-        return taylor_timestep(unet, groups, batches, scheduler=pipe.noise_scheduler, log=log, info=info, **options)
+        return taylor_timestep(unet, groups, batches, scheduler=pipe.noise_scheduler, log=log, info=info,
+                               engine=engine, **options)
     if method == "ld-pruner":
         from tinyprune.prune.importance.latent_stats import latent_stats
 
-        return latent_stats(unet, groups, batches, log=log, info=info, **options)
+        return latent_stats(unet, groups, batches, log=log, info=info, engine=engine, **options)
     if method == "ecodiff":
         from tinyprune.prune.importance.hard_concrete import hard_concrete
 
         def null_condition(n: int):
             with torch.no_grad():
-                return pipe.family.null_condition(n)
+                return move_cond(pipe.family.null_condition(n), engine.device)
 
         return hard_concrete(unet, groups, batches, scheduler=pipe.noise_scheduler, null_condition=null_condition,
-                             seed=seed, log=log, info=info, **options)
+                             seed=seed, log=log, info=info, engine=engine, **options)
     raise ValueError(f"unknown structured method {method!r}")
 
 
@@ -70,7 +76,7 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log)
 
 
 def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: dict | None = None,
-                     scores: dict | None = None) -> PrunePlan:
+                     scores: dict | None = None, engine: Engine = LOCAL) -> PrunePlan:
     """Prune pipe.unet in place to spec.sparsity (or spec.structured.target_macs); returns the plan.
     `scores`: a dict to reuse -- empty, it receives this run's scores (and their info); filled by an
     earlier run of the same method on the same model and batches, the scoring is skipped."""
@@ -103,8 +109,10 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         info, unit_scores = scores["info"], scores["scores"]
     else:
         info = {}
-        unit_scores = score(spec.method, unet, groups, batches, pipe=pipe, seed=spec.seed, log=log, info=info,
-                            options=score_options)
+        with engine.hosting(unet):
+            unit_scores = score(spec.method, unet, groups, batches, pipe=pipe, seed=spec.seed, log=log, info=info,
+                                options=score_options, engine=engine)
+        unit_scores = {path: s.cpu() for path, s in unit_scores.items()}
         if scores is not None:
             scores.update(method=spec.method, info=info, scores=unit_scores)
     costs, cost_kind = unit_costs(unet, groups, latency_aware=st.latency_aware, cost_model=st.cost_model,
@@ -123,8 +131,9 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     if teacher is not None:
         from tinyprune.prune.recovery import distill
 
-        recovery = distill(unet, teacher, batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
-                           minutes=st.recovery_minutes, seed=spec.seed, log=log)
+        with engine.hosting(unet, teacher):
+            recovery = distill(unet, teacher, batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
+                               minutes=st.recovery_minutes, seed=spec.seed, log=log, engine=engine)
         del teacher
     entry = StructuredComponent(
         sparsity=1 - params / params_dense,  # the fraction of prunable parameters removed
