@@ -116,6 +116,12 @@ def _value(choice: Enum | None) -> str | None:
     return None if choice is None else choice.value
 
 
+def _compute(device, mixed_precision, gradient_checkpointing: bool) -> dict:
+    """The prune stage's compute options (config.ComputeSpec's fields)."""
+    return {"device": device.value, "mixed_precision": _value(mixed_precision),
+            "gradient_checkpointing": gradient_checkpointing}
+
+
 ModelOpt = typer.Option(None, "--model", "-m", help="diffusers pipeline dir (default: the shipped demo pipeline)",
                         rich_help_panel=INPUT)
 TargetOpt = typer.Option("jetson", "--target", "-t", help="device profile name or alias, or a .toml path",
@@ -374,6 +380,9 @@ def export(  # parameters in help-panel order: input and target, method, recover
     cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
     precision: Precision = PrecisionOpt,
+    device: Device = DeviceOpt,
+    mixed_precision: Optional[MixedPrecision] = MixedPrecisionOpt,
+    gradient_checkpointing: bool = CheckpointingOpt,
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help="dense-vs-pruned image PSNR gate (dB); default from the profile",
                                              rich_help_panel=GATES),
     image_checks: Optional[int] = ImageChecksOpt,
@@ -388,7 +397,8 @@ def export(  # parameters in help-panel order: input and target, method, recover
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
                   structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
-                  prune_text_encoder=prune_text_encoder)
+                  prune_text_encoder=prune_text_encoder,
+                  compute=_compute(device, mixed_precision, gradient_checkpointing))
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
     from tinyprune.workflows.export import export as do_export
 
@@ -431,8 +441,7 @@ def prune(  # parameters in help-panel order, as export's
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
                   structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
                   prune_text_encoder=prune_text_encoder,
-                  compute={"device": device.value, "mixed_precision": _value(mixed_precision),
-                           "gradient_checkpointing": gradient_checkpointing})
+                  compute=_compute(device, mixed_precision, gradient_checkpointing))
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
     from tinyprune.workflows.export import prune_to_dir
 

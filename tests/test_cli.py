@@ -228,7 +228,7 @@ def test_export_help_groups_options_in_panels():
     r = invoke("export", "--help")
     assert r.exit_code == 0
     titles = [line.strip("╭─╮ ") for line in r.stdout.splitlines() if line.startswith("╭")]
-    assert titles == ["Options", "Input and target", "Method", "Recovery", "Structured", "Gates", "Output"]
+    assert titles == ["Options", "Input and target", "Method", "Recovery", "Structured", "Compute", "Gates", "Output"]
     r = invoke("prune", "--help")
     assert [line.strip("╭─╮ ") for line in r.stdout.splitlines() if line.startswith("╭")] == [
         "Options", "Input and target", "Method", "Recovery", "Structured", "Compute", "Output"]

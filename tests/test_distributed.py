@@ -133,15 +133,16 @@ def test_torchrun_every_method_gives_the_one_process_plan(tmp_path):
                 assert np.allclose(scores, cb["scores"][path], rtol=1e-5, atol=0), (case, path)
 
 
-def test_device_cuda_without_cuda_is_exit_3(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["prune", "export"])
+def test_device_cuda_without_cuda_is_exit_3(command, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--device", "cuda", "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(app, [command, "--model", str(tiny_dir), "--device", "cuda", "--out", str(tmp_path / "p")])
     assert r.exit_code == 3
     assert r.stderr.strip().splitlines() == [
         "error: --device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu or "
         "a CUDA build of torch"]
     assert not (tmp_path / "p").exists()
-    r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--device", "tpu", "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(app, [command, "--model", str(tiny_dir), "--device", "tpu", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and r.stderr.strip() == "error: unknown --device 'tpu'; known: auto, cpu, cuda"
 
 
