@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,6 @@ class Converted:
 class PrecisionChoice:
     precision: str
     notice: str | None = None
-    components: dict[str, str] = field(default_factory=dict)  # component -> its file's precision
 
 
 def parse_precision(value: str | None) -> str:
@@ -113,18 +112,19 @@ def _reader(feeds: list[dict]):
     return Feeds()
 
 
-def _inputs_of(path: Path) -> set[str]:
+def _fed(path: Path, feeds: list[dict]) -> list[dict]:
+    """The feeds cut to the inputs the file at `path` declares (the runtime's feeds carry every component's)."""
     import onnx
 
-    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    wanted = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    return [{k: v for k, v in f.items() if k in wanted} for f in feeds]
 
 
 def _ranges(path: Path, feeds: list[dict], workdir: Path) -> dict[str, float]:
     """max |activation| of every float tensor over `feeds` (onnxruntime's MinMax calibrator, the quantizer's own)."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    wanted = _inputs_of(path)
-    feeds = [{k: v for k, v in f.items() if k in wanted} for f in feeds]
+    feeds = _fed(path, feeds)
     calibrator = create_calibrator(str(path), op_types_to_calibrate=[], augmented_model_path=str(workdir / "aug.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
     calibrator.collect_data(_reader(feeds))
@@ -189,8 +189,7 @@ def to_int8(path: Path, component: str, feeds: list[dict], symmetric: bool, thre
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     t0 = time.perf_counter()
-    wanted = _inputs_of(path)
-    feeds = [{k: v for k, v in f.items() if k in wanted} for f in feeds]
+    feeds = _fed(path, feeds)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         out = Path(work) / "model.onnx"
         quantize_static(str(path), str(out), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,

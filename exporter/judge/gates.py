@@ -130,15 +130,15 @@ def draw(pipe: Pipeline, per_class: int, steps: int = 20, seed: int = QUALITY_SE
 def draw_runtime(bundle: Path, like: Samples, steps: int = 20, seed: int = QUALITY_SEED) -> Samples:
     """The samples of `like` (labels, conditions, batches and their seeds as judge/quality.py's generate draws them)
     from the bundle's torch-free runtime: how a bundle whose files are not fp32 (fp16, int8) is judged."""
-    from tinyprune.judge.quality import DEFAULT_BATCH
+    from tinyprune.judge.quality import DEFAULT_BATCH, in_batches
     from tinyprune.model.sampling import DEFAULT_GUIDANCE
     from tinyprune.runtime.generate import Runtime
 
-    c = like.conditions
     with Runtime(bundle, "ort-cpu") as rt:
-        images = [rt.generate(c[i:i + DEFAULT_BATCH], seed=seed + k, steps=steps, scheduler="ddim",
-                              guidance=DEFAULT_GUIDANCE) for k, i in enumerate(range(0, len(c), DEFAULT_BATCH))]
-    return Samples(like.labels, c, np.concatenate(images))
+        images = in_batches(like.conditions, seed, DEFAULT_BATCH,
+                            lambda part, s: rt.generate(part, seed=s, steps=steps, scheduler="ddim",
+                                                        guidance=DEFAULT_GUIDANCE))
+    return Samples(like.labels, like.conditions, images)
 
 
 def judge(dense: Samples, pruned: Samples, profile: DeviceProfile, max_fd_ratio: float | None = None,

@@ -364,10 +364,15 @@ def generate(pipe, labels: list[int], seed: int = 0, steps: int = 20, batch: int
     from tinyprune.model.sampling import DEFAULT_GUIDANCE, sample
 
     g = DEFAULT_GUIDANCE if guidance is None else guidance
-    conditions = conditions_for(pipe, labels)
-    out = [sample(pipe, conditions[i:i + batch], seed=seed + k, steps=steps, guidance=g).numpy()
-           for k, i in enumerate(range(0, len(labels), batch))]
-    return np.concatenate(out)
+    return in_batches(conditions_for(pipe, labels), seed, batch,
+                      lambda part, s: sample(pipe, part, seed=s, steps=steps, guidance=g).numpy())
+
+
+def in_batches(conditions: list, seed: int, batch: int, draw) -> np.ndarray:
+    """draw(conditions of batch k, seed + k) over the batches, concatenated: the noise every sampler of the
+    yardstick (PyTorch's, the bundle runtime's) starts from for the same conditions."""
+    return np.concatenate([draw(conditions[i:i + batch], seed + k)
+                           for k, i in enumerate(range(0, len(conditions), batch))])
 
 
 def evaluate(pipe_dense, pipe_pruned, n_per_class: int = DEFAULT_N_PER_CLASS, seed: int = 0, steps: int = 20,
