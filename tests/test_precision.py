@@ -109,6 +109,74 @@ def test_fp16_keeps_overflowing_nodes_fp32(tmp_path):
     assert check_claims(got) == []
 
 
+def _three_convs(tmp_path, rng):
+    """conv_in -> Relu -> a middle conv -> Relu -> conv_out, nodes named as the trace names a UNet's, in a
+    stamped unet/model.onnx; its calibration feeds."""
+    w = {n: (rng.standard_normal(shape) * 0.5).astype(np.float32)
+         for n, shape in {"w_in": (8, 4, 3, 3), "w_mid": (8, 8, 3, 3), "w_out": (4, 8, 3, 3)}.items()}
+    b = {f"b{k[1:]}": rng.standard_normal(v.shape[0]).astype(np.float32) for k, v in w.items()}
+    conv = lambda x, wt, y, name: helper.make_node("Conv", [x, wt, "b" + wt[1:]], [y], name=name, pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [conv("sample", "w_in", "h1", "/unet/conv_in/Conv"), helper.make_node("Relu", ["h1"], ["r1"], name="r1"),
+         conv("r1", "w_mid", "h2", "/unet/mid_block/resnets.0/conv1/Conv"),
+         helper.make_node("Relu", ["h2"], ["r2"], name="r2"), conv("r2", "w_out", "out_sample", "/unet/conv_out/Conv")],
+        "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in {**w, **b}.items()])
+    path = tmp_path / "unet" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(_stamped(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), str(path))
+    return path, [{"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(12)]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_layers_put_back_in_float_compute_the_fp32_graph(tmp_path, symmetric):
+    """_in_float with every quantized node gives the fp32 model's outputs and no Q/DQ left; with conv_in alone,
+    the pairs on its input and on its output (read by a Relu, not by a quantized layer) go, the rest stays."""
+    rng = np.random.default_rng(0)
+    path, feeds = _three_convs(tmp_path, rng)
+    P._quantize(path, tmp_path / "q.onnx", feeds, symmetric)
+    fp32, qdq = onnx.load(str(path)), onnx.load(str(tmp_path / "q.onnx"))
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, feeds[0])[0]
+    everything = P._in_float(qdq, fp32, {n.name for n in fp32.graph.node if n.op_type == "Conv"})
+    assert {n.op_type for n in everything.graph.node} == {"Conv", "Relu"}
+    assert len(everything.graph.initializer) == 6
+    assert np.abs(run(everything) - run(fp32)).max() < 1e-5
+    one = P._in_float(qdq, fp32, {"/unet/conv_in/Conv"})
+    dq = {o for n in one.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in one.graph.node}
+    assert not set(by_name["/unet/conv_in/Conv"].input) & dq and set(by_name["/unet/conv_out/Conv"].input) & dq
+    assert sum(n.op_type == "QuantizeLinear" for n in one.graph.node) == \
+        sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) - 2  # sample's and h1's pairs
+    err = lambda m: np.abs(run(m) - run(fp32)).max()
+    assert err(one) < err(qdq)
+    sample = [{"sample": f["sample"]} for f in feeds[:4]]
+    gains, base = P.measure_fallback(fp32, qdq, sample)
+    assert set(gains) == {"conv_in", "conv_out"}  # no time-embedding layer in this graph
+    assert base == pytest.approx(P._output_sqnr(fp32, {"q": qdq}, sample)["q"])
+    assert gains["conv_in"] == pytest.approx(P._output_sqnr(fp32, {"one": one}, sample)["one"] - base)
+
+
+@pytest.mark.parametrize("bar, kept", [(-1e9, ("conv_in", "conv_out")), (1e9, ())])
+def test_int8_keeps_float_the_groups_that_gain_the_bar(tmp_path, monkeypatch, bar, kept):
+    rng = np.random.default_rng(1)
+    path, feeds = _three_convs(tmp_path, rng)
+    monkeypatch.setattr(P, "FALLBACK_MIN_GAIN_DB", bar)
+    c = P.to_int8(path, "unet", feeds, symmetric=False, threshold=2**31)
+    assert c.fallback.kept == kept and set(c.fallback.gains_db) == {"conv_in", "conv_out"}
+    assert c.kept_float == tuple(sorted(f"/unet/{g}/Conv" for g in kept))
+    assert c.nodes == 3 - len(kept) and bool(c.why_kept) == bool(kept)
+    assert (c.fallback.final_db > c.fallback.all_int8_db) if kept else (c.fallback.final_db == c.fallback.all_int8_db)
+    written = onnx.load(str(path))
+    assert check_claims(written, str(path.parent)) == []
+    dq = {o for n in written.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert {n.name for n in written.graph.node if n.op_type == "Conv" and not set(n.input) & dq} == set(c.kept_float)
+    out = ort.InferenceSession(str(path)).run(None, feeds[0])[0]
+    assert np.isfinite(out).all()
+    d = c.to_dict()["fallback"]
+    assert d["kept_float"] == list(kept) and d["output_sqnr_db"] == round(c.fallback.final_db, 2)
+
+
 # ------------------------------------------------------------------------------------------ exports
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_dir, tmp_path_factory):
@@ -137,6 +205,12 @@ def test_int8_export(int8_bundle):
     assert TensorProto.UINT8 in zero_points
     p = report["precision"]
     assert p["components"]["unet"]["calibration_feeds"] == P.CALIBRATION_FEEDS
+    fb = p["components"]["unet"]["fallback"]  # diffusers' UNet names: every candidate group is there and measured
+    assert set(fb["gain_db"]) == set(P.FALLBACK_GROUPS)
+    assert fb["kept_float"] == [g for g, v in fb["gain_db"].items() if v >= fb["min_gain_db"]]
+    dq = {o for n in unet.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    in_float = {n.name for n in unet.graph.node if n.op_type in P.QUANTIZED_OPS and not set(n.input) & dq}
+    assert set(p["components"]["unet"]["kept_float"]) <= in_float
     assert p["unet_measured"]["speedup"] > 0 and p["unet_measured"]["backend"] == "ort-cpu"
     assert "int8" in report["speedup_source"]
     unet_drift = [d for d in report["onnx_drift"] if d["name"].startswith("unet")]

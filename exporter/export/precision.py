@@ -9,7 +9,11 @@ overflow in fp16); the result names them.
 int8: the UNet (the component a generation calls once per step; text encoders and VAE run once and stay float) in
 QDQ form: QuantizeLinear/DequantizeLinear pairs around Conv, MatMul and Gemm, weights int8 per output channel,
 activation ranges from static MinMax calibration on the UNet's own inputs along the runtime's sampler for the
-export's calibration conditions. TensorRT takes QDQ as explicit quantization when both sides are int8 with zero
+export's calibration conditions. Layers whose int8 noise the output does not forgive stay float, by measurement: the
+UNet's output SQNR against fp32 on calibration feeds is measured with all layers int8 and with each FALLBACK_GROUPS
+group (the layers NVIDIA's ModelOpt diffusion recipe keeps out of int8: conv_in, conv_out, time embeddings) put back
+in float; a group that gains FALLBACK_MIN_GAIN_DB or more stays float (on the demo, conv_in: +7.6 dB for 0.2 % of the
+MACs; every attention or feed-forward layer together gained under 0.2 dB). TensorRT takes QDQ as explicit quantization when both sides are int8 with zero
 point 0, so TensorRT targets get symmetric int8 activations and float biases; onnxruntime CPU runs uint8 activations against int8
 weights faster on x86 (its u8s8 kernels; measured here 1.33x against 1.10x for s8s8 on an 80M UNet, AVX2), so CPU
 targets get those.
@@ -17,6 +21,7 @@ targets get those.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +42,12 @@ CALIBRATION_FEEDS = 32  # UNet calls the int8 calibration keeps, spread over tho
 # Measured on onnxruntime CPU: int8 QDQ made an 81M-param UNet 1.85x (AVX-512 VNNI) and 1.33x (AVX2) faster, the
 # 2.8M demo UNet 0.89x slower (per-operator overhead). auto picks int8 for CPU targets from this size on.
 AUTO_INT8_MIN_PARAMS = 20_000_000
+# candidate layers for int8's float fallback, by the module path in the node's name (the trace names nodes after
+# diffusers' modules); every UNet family has the first two
+FALLBACK_GROUPS = {"conv_in": r"/conv_in/", "conv_out": r"/conv_out/",
+                   "time embedding": r"/(time_embedding|time_emb_proj|add_embedding|class_embedding)/"}
+FALLBACK_MIN_GAIN_DB = 1.0
+FALLBACK_EVAL_FEEDS = 8  # of the calibration feeds, spread over the trajectories: the SQNR's sample
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class Converted:
     why_kept: str = ""
     calibration_feeds: int = 0
     seconds: float = 0.0
+    fallback: "Fallback | None" = None  # int8: what the float fallback measured
 
     def to_dict(self) -> dict:
         d = {"precision": self.precision, "nodes": self.nodes, "kept_float": list(self.kept_float),
@@ -58,7 +70,27 @@ class Converted:
             d["why_kept"] = self.why_kept
         if self.calibration_feeds:
             d["calibration_feeds"] = self.calibration_feeds
+        if self.fallback is not None:
+            d["fallback"] = self.fallback.to_dict()
         return d
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """int8's float fallback as measured: the output SQNR (dB, against the fp32 file on FALLBACK_EVAL_FEEDS
+    calibration feeds) with every layer int8, the gain of each candidate group put back in float, the groups kept
+    float and the SQNR of the file as written."""
+
+    all_int8_db: float
+    gains_db: dict[str, float]
+    kept: tuple[str, ...]
+    final_db: float
+    min_gain_db: float = FALLBACK_MIN_GAIN_DB
+
+    def to_dict(self) -> dict:
+        return {"output_sqnr_db_all_int8": round(self.all_int8_db, 2),
+                "gain_db": {k: round(v, 2) for k, v in self.gains_db.items()}, "min_gain_db": self.min_gain_db,
+                "kept_float": list(self.kept), "output_sqnr_db": round(self.final_db, 2)}
 
 
 @dataclass(frozen=True)
@@ -183,28 +215,162 @@ def to_fp16(path: Path, component: str, feed: dict, threshold: int) -> Converted
                      else "", seconds=time.perf_counter() - t0)
 
 
-def to_int8(path: Path, component: str, feeds: list[dict], symmetric: bool, threshold: int) -> Converted:
-    """The fp32 ONNX file at `path` rewritten as int8 QDQ, calibrated on `feeds` (module docstring)."""
-    import onnx
+def _quantize(path: Path, out: Path, feeds: list[dict], symmetric: bool):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(path), str(out), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
+                    use_external_data_format=True,
+                    # TensorRT's Q/DQ are int8 only and it folds float biases itself; onnxruntime fuses an
+                    # int32 bias into its QLinearConv
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                   "QuantizeBias": not symmetric})
+
+
+def _in_float(qdq, fp32, nodes: set[str]):
+    """The QDQ model with `nodes` back in float: fed their fp32 inputs (activations before their QuantizeLinear,
+    weights and biases as the fp32 model's initializers, renamed: a quantized bias's DequantizeLinear output keeps
+    the fp32 name), and their outputs' Q/DQ pair gone where no quantized layer reads it. The graph quantize_static
+    writes with those nodes excluded, every other layer as quantized."""
+    import onnx
+
+    floats = {n.name: n for n in fp32.graph.node if n.name in nodes}
+    inits = {i.name: i for i in fp32.graph.initializer}
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    added = {i.name for i in graph.initializer}  # a float bias TensorRT's QDQ leaves as it was
+    for n in graph.node:
+        if n.name not in floats:
+            continue
+        del n.input[:]
+        for i in floats[n.name].input:
+            if i in inits and i not in added:
+                if f"{i}_fp32" not in added:
+                    t = onnx.TensorProto()
+                    t.CopyFrom(inits[i])
+                    t.name = f"{i}_fp32"
+                    graph.initializer.append(t)
+                    added.add(t.name)
+                i = f"{i}_fp32"
+            n.input.append(i)
+    readers = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    quantized = lambda n: n.op_type in QUANTIZED_OPS and n.name not in nodes
+    pairs = set()
+    for n in graph.node:
+        if n.name not in floats:
+            continue
+        for k, o in enumerate(n.output):
+            qs = readers.get(o, [])
+            if not qs or any(q.op_type != "QuantizeLinear" for q in qs):
+                continue
+            dqs = [d for q in qs for d in readers.get(q.output[0], [])]
+            if any(d.op_type != "DequantizeLinear" or any(map(quantized, readers.get(d.output[0], []))) for d in dqs):
+                continue
+            # the layer writes under the name its readers (or the graph's output) read after the pair
+            name = dqs[0].output[0]
+            n.output[k] = name
+            pairs |= {id(q) for q in qs} | {id(d) for d in dqs}
+            for d in dqs[1:]:
+                for r in readers.get(d.output[0], []):
+                    r.input[:] = [name if i == d.output[0] else i for i in r.input]
+    _keep(graph, [n for n in graph.node if id(n) not in pairs])
+    _drop_dead(graph)
+    return model
+
+
+def _keep(graph, nodes: list) -> None:
+    kept = [type(n)() for n in nodes]
+    for k, n in zip(kept, nodes):
+        k.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _drop_dead(graph) -> None:
+    """Remove the nodes no output depends on any more (the Q/DQ pairs a layer put back in float fed) and the
+    initializers nothing reads."""
+    while True:
+        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        live = [n for n in graph.node if set(n.output) & used]
+        if len(live) == len(graph.node):
+            break
+        _keep(graph, live)
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) < len(graph.initializer):
+        copies = [type(t)() for t in keep]
+        for c, t in zip(copies, keep):
+            c.CopyFrom(t)
+        del graph.initializer[:]
+        graph.initializer.extend(copies)
+
+
+def _output_sqnr(reference, models: dict, feeds: list[dict]) -> dict[str, float]:
+    """SQNR (dB) of each model's first output against `reference`'s over `feeds`, on onnxruntime CPU."""
+    import onnxruntime as ort
+
+    def session(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    ref = session(reference)
+    want = [ref.run(None, f)[0].astype(np.float64) for f in feeds]
+    signal = sum(float(np.sum(w * w)) for w in want)
+    out = {}
+    for name, m in models.items():
+        s = session(m)
+        noise = sum(float(np.sum((w - s.run(None, f)[0]) ** 2)) for w, f in zip(want, feeds))
+        out[name] = float(10 * np.log10(signal / max(noise, 1e-30)))
+        del s
+    return out
+
+
+def fallback_groups(model) -> dict[str, set[str]]:
+    """FALLBACK_GROUPS' quantizable nodes in `model`, the groups with none left out."""
+    groups = {g: {n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and re.search(rx, n.name)}
+              for g, rx in FALLBACK_GROUPS.items()}
+    return {g: v for g, v in groups.items() if v}
+
+
+def measure_fallback(fp32, qdq, feeds: list[dict]) -> tuple[dict[str, float], float]:
+    """Each fallback group's output-SQNR gain when put back in float, and the all-int8 SQNR."""
+    groups = fallback_groups(fp32)
+    sqnr = _output_sqnr(fp32, {"": qdq, **{g: _in_float(qdq, fp32, v) for g, v in groups.items()}}, feeds)
+    base = sqnr.pop("")
+    return {g: v - base for g, v in sqnr.items()}, base
+
+
+def to_int8(path: Path, component: str, feeds: list[dict], symmetric: bool, threshold: int) -> Converted:
+    """The fp32 ONNX file at `path` rewritten as int8 QDQ, calibrated on `feeds`, the fallback groups that gain
+    enough kept float (module docstring)."""
+    import onnx
 
     t0 = time.perf_counter()
     feeds = _fed(path, feeds)
+    sample = [feeds[i] for i in np.unique(np.linspace(0, len(feeds) - 1, FALLBACK_EVAL_FEEDS).round().astype(int))]
+    fp32 = onnx.load(str(path))
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         out = Path(work) / "model.onnx"
-        quantize_static(str(path), str(out), _reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
-                        use_external_data_format=True,
-                        # TensorRT's Q/DQ are int8 only and it folds float biases itself; onnxruntime fuses an
-                        # int32 bias into its QLinearConv
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                                       "QuantizeBias": not symmetric})
+        _quantize(path, out, feeds, symmetric)
         model = onnx.load(str(out))  # its external data, read before the temporary dir goes
+    gains, base = measure_fallback(fp32, model, sample)
+    kept = tuple(g for g, v in gains.items() if v >= FALLBACK_MIN_GAIN_DB)
+    exclude = sorted(set().union(*(fallback_groups(fp32)[g] for g in kept)))
+    final = base
+    if kept:  # the same graph quantize_static writes with these nodes excluded, without quantizing again
+        model = _in_float(model, fp32, set(exclude))
+        final = _output_sqnr(fp32, {"": model}, sample)[""]
+    del fp32
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     nodes = sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OPS and set(n.input) & dq)
     _rewrite(model, path, "int8", threshold)
-    return Converted(component, "int8", nodes, calibration_feeds=len(feeds), seconds=time.perf_counter() - t0)
+    why = (f"{', '.join(kept)} in float gains >= {FALLBACK_MIN_GAIN_DB:g} dB of output SQNR against fp32 "
+           f"({base:.1f} dB all int8, {final:.1f} dB as written)" if kept else "")
+    return Converted(component, "int8", nodes, tuple(exclude), why, calibration_feeds=len(feeds),
+                     seconds=time.perf_counter() - t0, fallback=Fallback(base, gains, kept, final))
 
 
 class Recorder:
