@@ -173,10 +173,18 @@ CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for 
 
 TargetMacsOpt = typer.Option(None, "--target-macs", help="structured: fraction of the dense UNet's MACs to keep, in "
                              "(0, 1]; replaces --sparsity as the target", rich_help_panel=STRUCTURED)
-LatencyAwareOpt = typer.Option(False, "--latency-aware", help="structured: weigh each group by its measured "
-                               "onnxruntime CPU time (or MACs, --cost-model macs) instead of its parameters",
-                               rich_help_panel=STRUCTURED)
-CostModelOpt = typer.Option(None, "--cost-model", help="structured, --latency-aware: ort (measured) | macs",
+LatencyAwareOpt = typer.Option(None, "--latency-aware/--no-latency-aware", help="structured: weigh each group by "
+                               "its measured onnxruntime CPU time (or MACs, --cost-model macs) instead of its "
+                               "parameters (default: on for targets without sparse tensor cores)",
+                               rich_help_panel=STRUCTURED, show_default=False)
+SpeedupOpt = typer.Option(None, "--speedup", help="structured: the UNet's speed-up over the dense one to reach, on "
+                          "the cost model (measured onnxruntime time on CPU targets, MACs on GPU ones); replaces "
+                          "--sparsity as the target", rich_help_panel=STRUCTURED)
+LatencyBudgetOpt = typer.Option(None, "--latency-budget-ms", help="structured, CPU targets: the UNet call's "
+                                "onnxruntime time here (batch 2) to stay within; replaces --sparsity as the target",
+                                rich_help_panel=STRUCTURED)
+CostModelOpt = typer.Option(None, "--cost-model", help="structured, latency-aware: ort (measured) | macs "
+                            "(default: ort on CPU targets, macs on GPU targets)",
                             parser=_choice(CostModel, "unknown --cost-model '{}'; known: {}"),
                             rich_help_panel=STRUCTURED)
 RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
@@ -221,7 +229,9 @@ APPLIES = {
     "recovery_target": Applies(("magnitude", "l1-grad")),  # structured recovery always distils
     "target_macs": Applies(STRUCTURED_METHODS, ("2:4",)),  # structured: channels and heads go, never 2:4
     "latency_aware": Applies(STRUCTURED_METHODS, ("2:4",)),
-    "cost_model": Applies(STRUCTURED_METHODS, ("2:4",), needs="latency_aware"),
+    "cost_model": Applies(STRUCTURED_METHODS, ("2:4",)),
+    "speedup": Applies(STRUCTURED_METHODS, ("2:4",)),
+    "latency_budget_ms": Applies(STRUCTURED_METHODS, ("2:4",)),
     "recovery_minutes": Applies(STRUCTURED_METHODS, ("2:4",)),
     "prune_text_encoder": Applies(("magnitude", "l1-grad")),  # structured methods reshape the UNet only
 }
@@ -252,9 +262,9 @@ def _check_applies(method: str, pattern: str, tuning: dict) -> None:
         raise typer.Exit(2)
 
 
-def _structured(target_macs, latency_aware, cost_model, recovery_minutes) -> dict:
+def _structured(target_macs, latency_aware, cost_model, recovery_minutes, speedup, latency_budget_ms) -> dict:
     return {"target_macs": target_macs, "latency_aware": latency_aware, "cost_model": cost_model,
-            "recovery_minutes": recovery_minutes}
+            "recovery_minutes": recovery_minutes, "speedup": speedup, "latency_budget_ms": latency_budget_ms}
 
 
 def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target) -> dict:
@@ -342,13 +352,21 @@ def show_export(r: dict) -> None:
         t.add_row("class accuracy pruned (dense)", f"{q['pruned']['accuracy']:.3f} ({q['dense']['accuracy']:.3f})",
                   f">= {q['min_accuracy']}", "yes" if q["accuracy_ok"] else "NO")
         t.add_row("PSNR / SSIM pruned vs dense", f"{_num(q['psnr_db'])} dB / {q['ssim']:.3f}", "", "")
+    for comp, s in (r.get("pruning") or {}).items():
+        v = s.get("speedup")
+        if v:
+            asked = f"{v['speedup']:g}x" if v.get("speedup") else f"{v['budget_ms']:g} ms"
+            got = f"measured {v['measured']['speedup']:.2f}x here" if v.get("measured") else "not measured here"
+            t.add_row(f"{comp} latency target {asked}", f"predicted {v['predicted_speedup']:.2f}x, {got}",
+                      f">= {v['wanted']:g}x" if v.get("measured") else "", "" if not v.get("measured")
+                      else "yes" if v.get("met") else "NO")
     out.print(t)
     p = r.get("precision") or {}
     if p.get("precision", "fp32") != "fp32":
         kept = {c: len(v["kept_float"]) for c, v in p["components"].items() if v["kept_float"]}
         m = p.get("unet_measured")
         out.print(f"precision {p['precision']}: " + ", ".join(p["components"])
-                  + (f" (nodes kept fp32: {', '.join(f'{c} {n}' for c, n in kept.items())})" if kept else "")
+                  + (f" (nodes kept float: {', '.join(f'{c} {n}' for c, n in kept.items())})" if kept else "")
                   + (f"; unet {m['speedup']:.2f}x fp32 on onnxruntime CPU here" if m else ""))
     out.print(f"speed-up source: {r['speedup_source']}")
 
@@ -376,7 +394,9 @@ def export(  # parameters in help-panel order: input and target, method, recover
     l1: Optional[float] = L1Opt,
     recovery_target: Optional[RecoveryTarget] = RecoveryTargetOpt,
     target_macs: Optional[float] = TargetMacsOpt,
-    latency_aware: bool = LatencyAwareOpt,
+    latency_aware: Optional[bool] = LatencyAwareOpt,
+    speedup: Optional[float] = SpeedupOpt,
+    latency_budget_ms: Optional[float] = LatencyBudgetOpt,
     cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
     precision: Precision = PrecisionOpt,
@@ -396,7 +416,8 @@ def export(  # parameters in help-panel order: input and target, method, recover
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
-                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes, speedup,
+                                         latency_budget_ms),
                   prune_text_encoder=prune_text_encoder,
                   compute=_compute(device, mixed_precision, gradient_checkpointing))
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work
@@ -426,7 +447,9 @@ def prune(  # parameters in help-panel order, as export's
     l1: Optional[float] = L1Opt,
     recovery_target: Optional[RecoveryTarget] = RecoveryTargetOpt,
     target_macs: Optional[float] = TargetMacsOpt,
-    latency_aware: bool = LatencyAwareOpt,
+    latency_aware: Optional[bool] = LatencyAwareOpt,
+    speedup: Optional[float] = SpeedupOpt,
+    latency_budget_ms: Optional[float] = LatencyBudgetOpt,
     cost_model: Optional[CostModel] = CostModelOpt,
     recovery_minutes: Optional[float] = RecoveryMinutesOpt,
     device: Device = DeviceOpt,
@@ -439,7 +462,8 @@ def prune(  # parameters in help-panel order, as export's
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back. Under `accelerate launch` or
     `torchrun` each process is a data-parallel rank and only rank 0 writes."""
     tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
-                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes),
+                  structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes, speedup,
+                                         latency_budget_ms),
                   prune_text_encoder=prune_text_encoder,
                   compute=_compute(device, mixed_precision, gradient_checkpointing))
     _check_applies(method.value, pattern.value, tuning)  # before the heavy imports and any work

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -68,7 +68,6 @@ class DeviceProfile:
     def for_precision(self, precision: str) -> "DeviceProfile":
         """This profile with the gates of ONNX files in `precision`: its [precision.<p>] tolerances (components it
         does not list keep the fp32 ones: they stay float) and runtime PSNR."""
-        from dataclasses import replace
 
         if precision == "fp32":
             return self
@@ -321,21 +320,30 @@ NORMALIZERS = ("mean", "none")
 class StructuredSpec:
     """Options of the structured methods (prune/structured/run.py, prune/structured/allocation.py).
 
-    target_macs: fraction of the dense UNet's MACs to keep, in (0, 1]; None: --sparsity (fraction of
-    prunable parameters removed) is the target. latency_aware: weigh each group by its cost -- measured
-    onnxruntime CPU time ("ort") or MACs ("macs") -- instead of its parameters. normalize: per-group score
-    normalisation ("mean", Torch-Pruning's; "none"). recovery_minutes caps the distillation's wall time.
+    target_macs: fraction of the dense UNet's MACs to keep, in (0, 1]; speedup: the UNet's predicted speed-up over
+    the dense one to reach, on the cost model (> 1); latency_budget_ms: the UNet call's measured onnxruntime time
+    here to stay within (the cost table's batch); none of them: --sparsity (fraction of prunable parameters
+    removed) is the target. latency_aware: weigh each group by its cost -- measured onnxruntime CPU time ("ort")
+    or MACs ("macs") -- instead of its parameters; None: by the target (PruneSpec.resolve: on where only structure
+    pays, ort on CPU targets, MACs on GPU ones). normalize: per-group score normalisation ("mean", Torch-Pruning's;
+    "none"). recovery_minutes caps the distillation's wall time.
     """
 
     target_macs: float | None = None
-    latency_aware: bool = False
-    cost_model: str = "ort"
+    latency_aware: bool | None = None
+    cost_model: str | None = None
     normalize: str = "mean"
     recovery_minutes: float | None = None
+    speedup: float | None = None
+    latency_budget_ms: float | None = None
+
+    @property
+    def latency_target(self) -> bool:
+        return self.speedup is not None or self.latency_budget_ms is not None
 
     @staticmethod
     def parse(target_macs=None, latency_aware=None, cost_model=None, normalize=None,
-              recovery_minutes=None) -> "StructuredSpec":
+              recovery_minutes=None, speedup=None, latency_budget_ms=None) -> "StructuredSpec":
         d = StructuredSpec()
         if target_macs is not None:
             try:
@@ -344,17 +352,60 @@ class StructuredSpec:
                 raise InputError(f"--target-macs must be a number in (0, 1], got '{target_macs}'") from None
             if math.isnan(target_macs) or not 0.0 < target_macs <= 1.0:
                 raise InputError(f"--target-macs is the fraction of the dense MACs to keep, in (0, 1]; got {target_macs}")
-        cost_model = d.cost_model if cost_model is None else cost_model
-        if cost_model not in COST_MODELS:
+        speedup = _positive("--speedup", speedup, above=1.0)
+        latency_budget_ms = _positive("--latency-budget-ms", latency_budget_ms)
+        given = [f for f, v in (("--target-macs", target_macs), ("--speedup", speedup),
+                                ("--latency-budget-ms", latency_budget_ms)) if v is not None]
+        if len(given) > 1:
+            raise InputError(f"{' and '.join(given)} are both targets; give one")
+        if latency_aware is False and (speedup is not None or latency_budget_ms is not None):
+            raise InputError(f"{given[0]} is a latency target: it cannot go with --no-latency-aware")
+        if cost_model is not None and cost_model not in COST_MODELS:
             raise InputError(f"unknown --cost-model '{cost_model}'; known: {', '.join(COST_MODELS)}")
+        if cost_model is not None and latency_aware is False:
+            raise InputError("--cost-model is the cost of latency-aware allocation: drop --no-latency-aware")
+        if latency_budget_ms is not None and cost_model == "macs":
+            raise InputError("--latency-budget-ms is measured time: it needs --cost-model ort")
         normalize = d.normalize if normalize is None else normalize
         if normalize not in NORMALIZERS:
             raise InputError(f"unknown normalize '{normalize}'; known: {', '.join(NORMALIZERS)}")
         if recovery_minutes is not None and (isinstance(recovery_minutes, bool) or not isinstance(recovery_minutes, (int, float))
                                              or not math.isfinite(recovery_minutes) or recovery_minutes <= 0):
             raise InputError(f"--recovery-minutes must be a number > 0, got {recovery_minutes!r}")
-        return StructuredSpec(target_macs, bool(latency_aware), cost_model, normalize,
-                              None if recovery_minutes is None else float(recovery_minutes))
+        return StructuredSpec(target_macs, None if latency_aware is None else bool(latency_aware), cost_model,
+                              normalize, None if recovery_minutes is None else float(recovery_minutes),
+                              speedup, latency_budget_ms)
+
+    def for_target(self, profile: "DeviceProfile") -> tuple["StructuredSpec", list[str]]:
+        """The spec with latency_aware and cost_model settled for `profile`, and the notice saying so. Where only
+        structure pays (no sparse tensor cores: CPUs, Xavier, Nano) the allocation is latency-aware by default;
+        the cost model is measured onnxruntime time where the target runs onnxruntime on a CPU, MACs on a GPU
+        (the GPU is not here to measure)."""
+        cost_model = self.cost_model or ("macs" if profile.has_tensorrt else "ort")
+        if self.latency_budget_ms is not None and cost_model == "macs":
+            raise InputError(f"--latency-budget-ms is measured onnxruntime CPU time; {profile.name} is a GPU target "
+                             "(use --speedup, on its MACs)")
+        latency_aware = self.latency_aware
+        notices = []
+        if latency_aware is None:
+            latency_aware = self.latency_target or not profile.sparse_tensor_cores
+            if latency_aware and not self.latency_target:
+                notices.append(f"structured on {profile.name} (only a smaller network is faster there): latency-aware "
+                               f"allocation by {'measured onnxruntime time' if cost_model == 'ort' else 'MACs'} "
+                               "(--no-latency-aware: by parameters)")
+        return replace(self, latency_aware=latency_aware, cost_model=cost_model), notices
+
+
+def _positive(flag: str, value, above: float = 0.0) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{flag} must be a number > {above:g}, got '{value}'") from None
+    if not math.isfinite(value) or value <= above:
+        raise InputError(f"{flag} must be a number > {above:g}, got {value:g}")
+    return value
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -435,8 +486,15 @@ class PruneSpec:
             pattern = "channel"
         elif pattern == "channel":
             raise InputError(f"--pattern channel needs a structured method: {', '.join(STRUCTURED_METHODS)}")
-        if structured is not None and structured.target_macs is not None and method not in STRUCTURED_METHODS:
-            raise InputError(f"--target-macs needs a structured method: {', '.join(STRUCTURED_METHODS)}")
+        structured = structured or StructuredSpec()
+        if method not in STRUCTURED_METHODS:
+            for flag, v in (("--target-macs", structured.target_macs), ("--speedup", structured.speedup),
+                            ("--latency-budget-ms", structured.latency_budget_ms)):
+                if v is not None:
+                    raise InputError(f"{flag} needs a structured method: {', '.join(STRUCTURED_METHODS)}")
+        else:
+            structured, more = structured.for_target(profile)
+            notices += more
         if method not in METHODS:
             raise InputError(f"unknown --method '{method}'; known methods: {', '.join(METHODS)}")
         if pattern not in PATTERNS:
@@ -459,7 +517,7 @@ class PruneSpec:
         if calibration is not None and not Path(calibration).is_dir():
             raise InputError(f"--calibration {calibration} is not a directory of images")
         return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration,
-                         structured or StructuredSpec(), prune_text_encoder), notices
+                         structured, prune_text_encoder), notices
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# measured cost tables and latency rounds: one cache for the run (subprocesses included), none left in ~/.cache
+os.environ.setdefault("TINYPRUNE_CACHE", tempfile.mkdtemp(prefix="tinyprune-test-cache-"))
 
 
 def _cuda_missing() -> str | None:

@@ -143,7 +143,11 @@ STRUCTURED_ONLY = "applies to --method diff-pruning, ld-pruner, ecodiff only"
     (["--recovery-minutes", "1"], f"--recovery-minutes {STRUCTURED_ONLY} (got magnitude)"),
     (["--cost-model", "macs"], f"--cost-model {STRUCTURED_ONLY} (got magnitude)"),
     (["--method", "auto", "--pattern", "2:4", "--latency-aware"], "--latency-aware does not apply to --pattern 2:4"),
-    (["--method", "diff-pruning", "--cost-model", "macs"], "--cost-model applies with --latency-aware only"),
+    (["--method", "diff-pruning", "--no-latency-aware", "--cost-model", "macs"],
+     "--cost-model is the cost of latency-aware allocation: drop --no-latency-aware"),
+    (["--speedup", "2"], f"--speedup {STRUCTURED_ONLY} (got magnitude)"),
+    (["--latency-budget-ms", "20"], f"--latency-budget-ms {STRUCTURED_ONLY} (got magnitude)"),
+    (["--method", "ecodiff", "--speedup", "2", "--target-macs", "0.5"], "--target-macs and --speedup are both targets; give one"),
 ])
 @pytest.mark.parametrize("command", ["export", "prune"])
 def test_option_the_method_does_not_read(tmp_path, command, args, message):

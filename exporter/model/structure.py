@@ -212,7 +212,11 @@ def find_groups(unet: nn.Module) -> list[Group]:
         elif isinstance(m, Attention) and _attention_ok(m):
             d = m.inner_dim // m.heads
             per = d * (m.to_q.in_features + m.to_k.in_features + m.to_v.in_features + m.to_out[0].out_features)
-            groups.append(Group("attention", path, m.heads, d, per, _attention_whole_ok(m)))
+            # a cross-attention is the prompt's only way into the UNet: it keeps a head. The loss-based scores do not
+            # see what it carries (the denoising loss barely depends on the prompt), and a latency target, which
+            # finds attention the costliest per unit of damage, would otherwise take all of them
+            groups.append(Group("attention", path, m.heads, d, per,
+                                _attention_whole_ok(m) and not getattr(m, "is_cross_attention", False)))
         elif isinstance(m, ValueOnlyAttention):
             d = m.inner_dim // m.heads
             groups.append(Group("attention", path, m.heads, d, d * (m.to_v.in_features + m.to_out[0].out_features)))

@@ -77,7 +77,7 @@ class StructuredComponent(ComponentPlan):
     params_removed: float
     macs_dense: int
     macs: int
-    target: dict  # {"kind": "params" | "macs", "amount"}
+    target: dict  # {"kind": "params" | "macs" | "latency", "amount", with a speed-up target "speedup": its figures}
     allocation: dict  # {"scope", "normalize", "cost"}
     collapsed_single_token_attention: list
     groups: dict  # group path -> {"kind", "units", "kept", "removed"}

@@ -14,7 +14,12 @@ With a `teacher` (the dense UNet) the target is the teacher's epsilon on the sam
 that made it: distillation, which carries the dense model's function rather than refitting a few dozen
 calibration latents (--recovery-target distill, the default). Structured methods always distil: the student
 learns to do what the teacher does over the whole trajectory, with no training data, for `steps` steps or
-`minutes`, whichever comes first.
+`minutes`, whichever comes first. Their distillation is BK-SDM's: the output's MSE plus, weighted by
+`feature_weight`, the MSE of every stage block's output (down blocks, mid block, up blocks: the structured
+methods thin the insides of blocks, never their outputs, so student and teacher features have one shape), and it
+stops early on a held-out loss: every EVAL_EVERY steps the output MSE to the teacher on held-out calibration
+batches (a calibration batch training never sees, at fixed noise and timesteps) is measured, the best weights so
+far are kept, and PATIENCE evaluations without a gain end the run with the best weights back.
 
 On several ranks (prune/distributed.py) each step's batch is split by samples over the ranks and
 DistributedDataParallel averages the gradients, each rank's loss weighted by its share of the samples: every step
@@ -24,7 +29,9 @@ fp16 autocast steps through torch's GradScaler (skipped steps included); bf16 ne
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +82,60 @@ def _share(batch: Batch, engine: Engine) -> tuple[Batch, float]:
     return Batch(batch.x_t[part], batch.t[part], take_cond(batch.cond, part), batch.noise[part], batch.x0[part]), weight
 
 
+@contextmanager
+def block_outputs(unet: torch.nn.Module, into: list):
+    """Forward hooks that append each stage block's output hidden states (down blocks, mid block, up blocks, in
+    call order) to `into`: the feature-distillation points."""
+    blocks = [*(getattr(unet, "down_blocks", None) or []), *([unet.mid_block] if getattr(unet, "mid_block", None)
+                                                              is not None else []),
+              *(getattr(unet, "up_blocks", None) or [])]
+    handles = [b.register_forward_hook(lambda m, a, out: into.append(out[0] if isinstance(out, tuple) else out))
+               for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+EVAL_EVERY = 25  # steps between held-out evaluations of the early stop
+PATIENCE = 4  # evaluations without a gain (MIN_GAIN of the best) before the run stops
+MIN_GAIN = 0.002
+
+
+class EarlyStop:
+    """The held-out loss along a run: the best weights so far (on the CPU), and whether to stop."""
+
+    def __init__(self, model, evaluate):
+        self.model, self.evaluate = model, evaluate
+        self.best, self.best_step, self.bad, self.state, self.history = float("inf"), 0, 0, None, []
+
+    def check(self, step: int) -> bool:
+        loss = self.evaluate()
+        self.history.append([step, round(loss, 6) if math.isfinite(loss) else None])  # None: diverged
+        if loss < self.best * (1 - MIN_GAIN):
+            self.best, self.best_step, self.bad = loss, step, 0
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+        return self.bad >= PATIENCE
+
+    def restore(self) -> bool:
+        """The best weights back if the last evaluation was not the best; whether they were."""
+        if self.state is None or self.history[-1][0] == self.best_step:
+            return False
+        self.model.load_state_dict(self.state)
+        return True
+
+
 def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: list[Batch], steps: int, *,
             scheduler, lr: float = 1e-4, l1: float = 0.0, forward=denoising_loss, seed: int = 0,
             on_step=None, teacher: torch.nn.Module | None = None, minutes: float | None = None,
+            feature_weight: float = 0.0, early_stop: EarlyStop | None = None,
             log=lambda msg: None, engine: Engine = LOCAL) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fine-tune `model` in place for `steps` Adam steps (or until `minutes` have passed); returns the (possibly
-    regrown) masks and a log."""
+    """Fine-tune `model` in place for `steps` Adam steps (or until `minutes` have passed, or `early_stop` says
+    so); returns the (possibly regrown) masks and a log. `feature_weight` (with a teacher): the weight of the
+    stage blocks' feature MSE beside the output's."""
     weights = prunable_weights(model)
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
@@ -98,14 +153,20 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
             for step in range(steps):
                 if minutes is not None and engine.any(time.monotonic() - t0 > 60 * minutes):
                     break
+                if early_stop is not None and step % EVAL_EVERY == 0 and early_stop.check(step):
+                    break
                 batch, weight = _share(renoise(batches[step % len(batches)], scheduler, g), engine)
+                feats_t, feats_s = [], []
                 if teacher is not None:
-                    with torch.no_grad(), engine.autocast():
+                    with torch.no_grad(), engine.autocast(), block_outputs(teacher, feats_t if feature_weight else []):
                         eps = teacher(batch.x_t, batch.t, **batch.cond).sample.float()
                     batch = Batch(batch.x_t, batch.t, batch.cond, eps, batch.x0)
-                with engine.autocast():
+                with engine.autocast(), block_outputs(model, feats_s if feature_weight else []):
                     loss = forward(net, batch)
                 total = loss + l1 * sum(w.abs().sum() for w in weights.values()) if l1 else loss
+                if feats_t:  # the first len(feats_t): checkpointed blocks may run their forward again later
+                    total = total + feature_weight * sum(F.mse_loss(s.float(), t.float())
+                                                         for s, t in zip(feats_s, feats_t))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(total * weight if engine.world > 1 else total).backward()
                 scaler.unscale_(opt)  # the hook reads true gradients
@@ -124,12 +185,21 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
         for p, r in zip(params, was):
             p.requires_grad_(r)
             p.grad = None
+    stopped = None
+    if early_stop is not None:
+        if not early_stop.history or early_stop.history[-1][0] != len(losses):
+            early_stop.check(len(losses))  # the weights as the run left them
+        stopped = {"eval_every": EVAL_EVERY, "patience": PATIENCE, "best_step": early_stop.best_step,
+                   "best_held_out_loss": round(early_stop.best, 6), "restored_best": early_stop.restore(),
+                   "held_out_losses": early_stop.history}
     done = len(losses)
     head, tail = losses[: max(1, done // 10)], losses[-max(1, done // 10):]
     record = {"steps": done, "lr": lr, "l1": l1, "target": "teacher" if teacher is not None else "noise",
               "seconds": round(time.monotonic() - t0, 1),
               "train_loss_first": round(sum(head) / len(head), 6) if losses else None,
               "train_loss_last": round(sum(tail) / len(tail), 6) if losses else None}
+    if stopped is not None:
+        record["early_stop"] = stopped
     return masks, record
 
 
@@ -139,21 +209,42 @@ def _finite(weights) -> bool:
 
 
 DISTILL_LR = 2e-4
+FEATURE_WEIGHT = 1.0  # BK-SDM's weight of the feature loss beside the output's
+
+
+def _held_out(batches: list[Batch], scheduler, seed: int) -> tuple[list[Batch], list[Batch]]:
+    """Training batches and held-out batches at fixed noise and timesteps: the last of >= 4 calibration batches
+    is held out; with fewer, all are used for training and held-out draws of them judge the stop."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    train, held = (batches[:-1], batches[-1:]) if len(batches) >= 4 else (batches, batches)
+    return train, [renoise(b, scheduler, g) for b in held]
 
 
 def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float | None = None,
-            lr: float = DISTILL_LR, seed: int = 0, log=lambda msg: None, engine: Engine = LOCAL) -> dict:
-    """Structured recovery: `recover` with the dense UNet as teacher and no masks; returns the record the plan
-    and the report show, with the distillation loss on the calibration batches before and after."""
+            lr: float = DISTILL_LR, seed: int = 0, feature_weight: float = FEATURE_WEIGHT, early_stop: bool = True,
+            log=lambda msg: None, engine: Engine = LOCAL) -> dict:
+    """Structured recovery: `recover` with the dense UNet as teacher and no masks, output and feature
+    distillation, the early stop on held-out batches; returns the record the plan and the report show, with the
+    distillation loss on the calibration batches before and after."""
     loss_before = mean_loss(student, batches, _distill_loss(teacher), engine)
-    _, rec = recover(student, {}, batches, steps, scheduler=scheduler, lr=lr, seed=seed, teacher=teacher,
-                     minutes=minutes, log=log, engine=engine)
+    train, held = _held_out(batches, scheduler, seed) if early_stop else (batches, [])
+    stop = EarlyStop(student, lambda: mean_loss(student, held, _distill_loss(teacher), engine)) if early_stop else None
+    _, rec = recover(student, {}, train, steps, scheduler=scheduler, lr=lr, seed=seed, teacher=teacher,
+                     minutes=minutes, feature_weight=feature_weight, early_stop=stop, log=log, engine=engine)
     loss_after = mean_loss(student, batches, _distill_loss(teacher), engine)
+    stopped = rec.get("early_stop")
     log(f"recovery: {rec['steps']} distillation steps in {rec['seconds']:.0f} s, loss vs dense "
-        f"{loss_before:.5f} -> {loss_after:.5f}")
-    return {"steps": rec["steps"], "requested_steps": steps, "minutes": minutes, "lr": lr, "seconds": rec["seconds"],
-            "objective": "distillation (MSE to the dense UNet's output)",
-            "loss_before": round(loss_before, 6), "loss_after": round(loss_after, 6)}
+        f"{loss_before:.5f} -> {loss_after:.5f}"
+        + (f"; held-out loss best at step {stopped['best_step']} ({stopped['best_held_out_loss']:.5f})"
+           + (", those weights restored" if stopped["restored_best"] else "") if stopped else ""))
+    out = {"steps": rec["steps"], "requested_steps": steps, "minutes": minutes, "lr": lr, "seconds": rec["seconds"],
+           "objective": "distillation (MSE to the dense UNet's output"
+                        + (f" + {feature_weight:g} x the stage blocks' feature MSE" if feature_weight else "") + ")",
+           "loss_before": round(loss_before, 6), "loss_after": round(loss_after, 6)}
+    if stopped is not None:
+        out["early_stop"] = dict(stopped, held_out=(f"calibration batch {len(batches)} of {len(batches)}"
+                                                    if len(train) < len(batches) else "fixed draws of every batch"))
+    return out
 
 
 def _distill_loss(teacher):

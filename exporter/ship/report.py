@@ -115,6 +115,8 @@ def pruning_summary(plan: PrunePlan) -> dict:
             entry["recovery"] = p.recovery
         if p.scores is not None:
             entry["scores"] = p.scores
+        if getattr(p, "target", {}).get("speedup"):
+            entry["speedup"] = p.target["speedup"]
         if entry:
             out[comp] = entry
     return out
@@ -133,6 +135,13 @@ def _pruning_lines(summary: dict | None) -> list[str]:
             r = s["recovery"]
             lines += ["", f"{comp}: recovery {r['steps']} steps (masks fixed), calibration loss "
                           f"{r['loss_before']:.5f} -> {r['loss_after']:.5f}"]
+        if "speedup" in s:
+            v = s["speedup"]
+            asked = f"{v['speedup']:g}x" if v.get("speedup") else f"{v['budget_ms']:g} ms"
+            got = (f", measured {v['measured']['speedup']:.2f}x on onnxruntime CPU here (p50 {v['measured']['p50_ms']:.1f}"
+                   f" vs {v['measured']['dense_p50_ms']:.1f} ms dense)" if v.get("measured") else ", not measured here")
+            lines += ["", f"{comp}: latency target {asked}: predicted {v['predicted_speedup']:.2f}x "
+                          f"({v['cost_model']}){got}" + ("" if v.get("met", True) else "; NOT reached")]
         if "two_four" in s:
             t = s["two_four"]
             key = "sensitivity" if any("sensitivity" in r for r in t["chosen"] + t["not_chosen"]) else "energy_lost"

@@ -2,7 +2,10 @@
 
 Targets. `sparsity` is the fraction of the UNet's prunable parameters (Conv2d + Linear weight elements,
 the count masks.prunable_weights sums) that must be gone; `target_macs` is the fraction of the dense
-UNet's multiply-accumulates (per sample, at the native latent size) that may remain. Parameters already
+UNet's multiply-accumulates (per sample, at the native latent size) that may remain; a latency target
+(--speedup on the measured cost table, --latency-budget-ms) is the UNet call's milliseconds that may remain,
+each unit's removal saving its share of its group's measured time, the rest of the UNet's time (what no group
+owns: embeddings, norms of the blocks' outputs, conv_in/out) staying. Parameters already
 gone before allocation (the exact single-token attention collapse) count towards the target.
 
 Global allocation (scope "global"): every unit has a score (higher = more important: the importance
@@ -38,7 +41,8 @@ from tinyprune.model.structure import Group
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "params": remove at least `amount` parameters | "macs": keep at most `amount` MACs
+    kind: str  # "params": remove at least `amount` parameters | "macs": keep at most `amount` MACs |
+    # "latency": keep at most `amount` ms of the cost table's time
     amount: float
 
 
@@ -55,15 +59,29 @@ def _normalized(groups: list[Group], scores: dict[str, torch.Tensor], normalize:
 def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Target, *,
              costs: dict[str, float] | None = None, macs: dict[str, float] | None = None,
              scope: str = "global", normalize: str = "mean", removed_before: float = 0.0,
-             macs_total: float | None = None) -> dict[str, torch.Tensor]:
+             macs_total: float | None = None, latency_total: float | None = None) -> dict[str, torch.Tensor]:
     """Kept unit indices per group. `costs`: per-unit cost for the priority (default: parameters for a
-    params target, MACs for a MACs target). `macs`: per-unit MACs (needed for a MACs target);
-    `removed_before`: parameters already removed; `macs_total`: the current model's MACs."""
+    params target, MACs for a MACs target; a latency target's gain and cost are both its per-unit ms).
+    `macs`: per-unit MACs (needed for a MACs target); `removed_before`: parameters already removed;
+    `macs_total`: the current model's MACs; `latency_total`: the cost table's whole-UNet ms."""
     if target.kind == "macs" and (macs is None or macs_total is None):
         raise ValueError("a MACs target needs per-unit MACs and the model's total")
-    gain = {g.path: float(g.params_per_unit if target.kind == "params" else macs[g.path]) for g in groups}
-    need = target.amount - removed_before if target.kind == "params" else macs_total - target.amount
-    norm = _normalized(groups, scores, normalize)
+    if target.kind == "latency" and (costs is None or latency_total is None):
+        raise ValueError("a latency target needs per-unit times and the model's total")
+    if target.kind == "latency":
+        gain = {g.path: float(costs[g.path]) for g in groups}
+        need = latency_total - target.amount
+    elif target.kind == "macs":
+        gain = {g.path: float(macs[g.path]) for g in groups}
+        need = macs_total - target.amount
+    else:
+        gain = {g.path: float(g.params_per_unit) for g in groups}
+        need = target.amount - removed_before
+    # a latency target is a knapsack on the raw scores (one scale for these methods: a loss change, a statistics
+    # change, a gate probability) per ms saved: relative scores would make every group's mean unit equal and leave
+    # the ranking across groups to their time alone, emptying the costliest groups (the cross-attentions, the
+    # prompt's only way in) whatever their damage
+    norm = _normalized(groups, scores, "none" if target.kind == "latency" else normalize)
     order = {g.path: torch.argsort(norm[g.path], stable=True) for g in groups}
     limit = {g.path: g.units if g.removable else g.units - 1 for g in groups}
     if need <= 0:
@@ -76,8 +94,8 @@ def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Targe
         for g in groups:
             c = max(float(cost[g.path]), 1e-30)
             # "mean": relative scores, each group weighted by what a unit saves per unit of cost (1 unless
-            # latency-aware); "none": absolute damage per unit of cost (a knapsack ratio)
-            weight = gain[g.path] / c if normalize == "mean" else 1.0 / c
+            # latency-aware); "none", and any latency target: damage per unit of cost (a knapsack ratio)
+            weight = gain[g.path] / c if normalize == "mean" and target.kind != "latency" else 1.0 / c
             for rank, u in enumerate(order[g.path][:limit[g.path]].tolist()):
                 cands.append((float(norm[g.path][u]) * weight, g.path, rank))
         cands.sort(key=lambda c: (c[0], c[1], c[2]))
@@ -122,6 +140,12 @@ def _uniform(groups, gain, limit, need, norm, order) -> dict[str, int]:
         counts[path] += 1
         done += gain[path]
     return counts
+
+
+def reachable(groups: list[Group], gain: dict[str, float]) -> float:
+    """The most of `gain` (per unit, per group) the allocation can remove: every unit of a removable group, all but
+    one of any other."""
+    return sum((g.units if g.removable else g.units - 1) * gain[g.path] for g in groups)
 
 
 def removed_params(groups: list[Group], keep: dict[str, torch.Tensor]) -> int:

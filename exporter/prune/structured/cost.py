@@ -5,12 +5,21 @@ Cost: without `latency_aware` the cost is the unit's parameters (the currency of
 (`ort_cost_table`, the group's nodes in a profiled run of the dense UNet) or, without onnxruntime, its
 MACs: groups that cost much time per parameter -- attention on small latents is many small operators --
 are taken first, which is where a per-operator-bound runtime gets faster.
+
+The measured table is cached (keyed by the UNet's architecture, the conditioning's shapes, the profiling settings,
+this CPU and the onnxruntime and torch versions; never by its weights, which do not change its time): the same
+command on the same machine allocates from the same table and writes the same bundle. The table goes into the
+plan, so a bundle says what its allocation read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,41 +141,114 @@ def onnx_scope(path: str) -> str:
     return re.sub(r"\.(?!\d)", "/", path)
 
 
-def ort_cost_table(unet: nn.Module, groups: list[Group], cond: Cond, batch: int = 2,
-                   runs: int = 20, threads: int = 2) -> dict[str, float]:
-    """Measured onnxruntime CPU time (ms per call) of each group's own nodes in the dense UNet: export
-    once, run with profiling, sum kernel times of the nodes under the group's scope. A resnet's
-    shortcut stays when its branch goes, so its nodes are not counted."""
-    import json
-    import warnings
+@dataclass(frozen=True)
+class CostTable:
+    """Measured onnxruntime CPU time (ms per call, batch `batch`) of each group's own nodes and of the whole UNet."""
 
+    groups: dict[str, float]
+    total_ms: float
+    key: str
+    batch: int
+    runs: int
+    threads: int
+    machine: str
+    source: str = "measured"  # or "cache"
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "machine": self.machine, "batch": self.batch,
+                "runs": self.runs, "threads": self.threads, "total_ms": self.total_ms,
+                "groups_ms": dict(sorted(self.groups.items()))}
+
+
+def cache_dir(kind: str = "cost_tables") -> Path:
+    """Where measured figures are kept: $TINYPRUNE_CACHE, else ~/.cache/tinyprune."""
+    return Path(os.environ.get("TINYPRUNE_CACHE") or Path.home() / ".cache" / "tinyprune") / kind
+
+
+def read_cached(kind: str, key: str) -> dict | None:
+    path = cache_dir(kind) / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_cached(kind: str, key: str, value: dict) -> None:
+    path = cache_dir(kind) / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)  # whole or not at all: a parallel run reads one version or the other
+
+
+def table_key(unet: nn.Module, cond: Cond, batch: int, runs: int, threads: int) -> str:
     import onnxruntime as ort
+
+    from tinyprune.runtime.measure import cpu_name
+
+    arch = [(name, type(m).__name__, tuple(getattr(m, "weight").shape) if isinstance(getattr(m, "weight", None),
+                                                                                    torch.Tensor) else None)
+            for name, m in unet.named_modules()]
+    shapes = {k: tuple(v.shape) for k, v in flat_cond(cond).items()}
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # "_use_default_values": a set's order
+    what = json.dumps([config, arch, shapes, batch, runs, threads, cpu_name(), ort.__version__,
+                       torch.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(what.encode()).hexdigest()[:20]
+
+
+def export_unet_onnx(unet: nn.Module, cond: Cond, path: Path, batch: int = 2) -> dict:
+    """The UNet as one ONNX file at `path` (opset 17, eager attention: the operators onnxruntime CPU runs), and
+    the feed of one call of batch `batch` at the native latent size."""
+    import warnings
 
     from diffusers.models.attention_processor import AttnProcessor
 
     flat = flat_cond(repeat_cond(cond, batch))
     x, t = _example(unet, batch)
     wrap = UNetModule(unet, tuple(flat), tuple(cond.get("added_cond_kwargs", {})))
-    names = ["s", "t", *flat]
     procs = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "unet.onnx")
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(wrap.eval(), (x, t.float(), *flat.values()), path, input_names=names,
-                                  output_names=["o"], opset_version=17, dynamo=False)
-        finally:
-            unet.set_attn_processor(procs)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrap.eval(), (x, t.float(), *flat.values()), str(path), input_names=["s", "t", *flat],
+                              output_names=["o"], opset_version=17, dynamo=False)
+    finally:
+        unet.set_attn_processor(procs)
+    return {"s": x.numpy(), "t": t.float().numpy(), **{k: v.numpy() for k, v in flat.items()}}
+
+
+def _session(path: Path, threads: int, profile_prefix: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if profile_prefix is not None:
         opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "prof")
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {"s": x.numpy(), "t": t.float().numpy(), **{k: v.numpy() for k, v in flat.items()}}
-        feed = {i.name: feed[i.name] for i in sess.get_inputs()}
+        opts.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _fed(sess, feed: dict) -> dict:
+    return {i.name: feed[i.name] for i in sess.get_inputs()}
+
+
+def ort_cost_table(unet: nn.Module, groups: list[Group], cond: Cond, batch: int = 2,
+                   runs: int = 20, threads: int = 2, cache: bool = True) -> CostTable:
+    """Measured onnxruntime CPU time (ms per call) of each group's own nodes in the dense UNet: export
+    once, run with profiling, sum kernel times of the nodes under the group's scope. A resnet's
+    shortcut stays when its branch goes, so its nodes are not counted. From the cache when this machine has
+    measured the same architecture (module docstring)."""
+    from tinyprune.runtime.measure import cpu_name
+
+    key = table_key(unet, cond, batch, runs, threads)
+    d = read_cached("cost_tables", key) if cache else None
+    if d is not None:
+        if set(d["groups_ms"]) == {g.path for g in groups}:
+            return CostTable(d["groups_ms"], d["total_ms"], key, batch, runs, threads, d["machine"], "cache")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.onnx"
+        feed = export_unet_onnx(unet, cond, path, batch)
+        sess = _session(path, threads, Path(tmp) / "prof")
+        feed = _fed(sess, feed)
         for _ in range(runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -178,5 +260,33 @@ def ort_cost_table(unet: nn.Module, groups: list[Group], cond: Cond, batch: int 
     for g in groups:
         scope = "/" + onnx_scope(g.path) + "/"
         us = sum(v for k, v in times.items() if scope in k and "/conv_shortcut/" not in k)
-        table[g.path] = us / runs / 1000.0
-    return table
+        table[g.path] = round(us / runs / 1000.0, 4)
+    # rounded as the cache keeps them: a run that measured and one that read the cache allocate from equal numbers
+    out = CostTable(table, round(sum(times.values()) / runs / 1000.0, 4), key, batch, runs, threads, cpu_name())
+    if cache and out.total_ms > 0:
+        write_cached("cost_tables", key, out.to_dict())
+    return out
+
+
+MEASURE_SECONDS = 3.0  # per timing: enough calls of a small UNet for its p50 to settle on a shared machine
+
+
+def measured_speedup(dense: Path, pruned: Path, feed: dict, threads: int = 2, iters: int = 20) -> dict:
+    """p50 of the dense UNet's ONNX file against the pruned one on onnxruntime CPU here, calls interleaved: at
+    least `iters` of each, more for a small UNet (MEASURE_SECONDS in all, at most 400)."""
+    import time
+
+    from tinyprune.runtime.measure import cpu_name, interleaved, stats_ms
+
+    a, b = _session(dense, threads), _session(pruned, threads)
+    fa, fb = _fed(a, feed), _fed(b, feed)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a.run(None, fa)
+        b.run(None, fb)
+    per_pair = (time.perf_counter() - t0) / 3
+    iters = int(min(400, max(iters, MEASURE_SECONDS / max(per_pair, 1e-6))))
+    times = interleaved({"dense": lambda: a.run(None, fa), "pruned": lambda: b.run(None, fb)}, warmup=2, iters=iters)
+    p50 = {k: stats_ms(v)["p50_ms"] for k, v in times.items()}
+    return {"backend": "ort-cpu", "machine": cpu_name(), "calls": iters, "threads": threads,
+            "dense_p50_ms": p50["dense"], "p50_ms": p50["pruned"], "speedup": round(p50["dense"] / p50["pruned"], 3)}

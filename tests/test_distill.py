@@ -1,0 +1,75 @@
+"""Structured recovery: BK-SDM's output + feature distillation from the dense UNet, and the early stop on a
+held-out loss that keeps the best weights."""
+
+import copy
+
+import pytest
+import torch
+
+from tinyprune.model.calibration import CalibrationSet
+from tinyprune.prune import recovery as R
+from pipelines import tiny as tiny_pipeline
+
+torch.set_num_threads(2)
+
+
+def _batches(pipe, n, size=2):
+    g = torch.Generator().manual_seed(0)
+    return CalibrationSet(torch.randn(n, 4, 8, 8, generator=g), pipe.family.check_conditions(n), "test").batches(pipe, size)
+
+
+def _student_teacher():
+    pipe = tiny_pipeline(seed=0)
+    teacher = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+    with torch.no_grad():  # a student off the teacher, with the same shapes
+        for p in pipe.unet.parameters():
+            p.mul_(0.9)
+    return pipe, pipe.unet, teacher
+
+
+def test_block_outputs_are_the_stage_blocks_in_call_order():
+    pipe, student, teacher = _student_teacher()
+    feats = []
+    b = _batches(pipe, 2)[0]
+    with torch.no_grad(), R.block_outputs(student, feats):
+        student(b.x_t, b.t, **b.cond)
+    n = len(student.down_blocks) + 1 + len(student.up_blocks)
+    assert len(feats) == n and feats[-1].shape[1] == student.config.block_out_channels[0]
+    with torch.no_grad(), R.block_outputs(student, []):  # hooks gone after the block: nothing more collected
+        student(b.x_t, b.t, **b.cond)
+    assert len(feats) == n and not student.down_blocks[0]._forward_hooks
+
+
+def test_feature_distillation_changes_the_update():
+    out = {}
+    for w in (0.0, 1.0):
+        pipe, student, teacher = _student_teacher()
+        R.recover(student, {}, _batches(pipe, 4), 3, scheduler=pipe.noise_scheduler, teacher=teacher, feature_weight=w)
+        out[w] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert not torch.equal(out[0.0], out[1.0])
+    pipe, student, teacher = _student_teacher()
+    rec = R.distill(student, teacher, _batches(pipe, 4), scheduler=pipe.noise_scheduler, steps=2)
+    assert "feature MSE" in rec["objective"]
+    assert rec["early_stop"]["held_out"] == "fixed draws of every batch"  # 2 batches: none to spare
+
+
+def test_early_stop_ends_a_run_that_stopped_gaining(monkeypatch):
+    monkeypatch.setattr(R, "PATIENCE", 1)
+    pipe, student, teacher = _student_teacher()
+    rec = R.distill(student, teacher, _batches(pipe, 8), scheduler=pipe.noise_scheduler, steps=200, lr=0.0)
+    s = rec["early_stop"]
+    assert rec["steps"] == R.EVAL_EVERY and s["best_step"] == 0  # lr 0: the second evaluation gains nothing
+    assert [h[0] for h in s["held_out_losses"]] == [0, R.EVAL_EVERY] and s["patience"] == 1
+    assert s["held_out"] == "calibration batch 4 of 4"  # 8 samples, batches of 2: the last batch held out
+
+
+def test_early_stop_restores_the_best_weights():
+    pipe, student, teacher = _student_teacher()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rec = R.distill(student, teacher, _batches(pipe, 8), scheduler=pipe.noise_scheduler, steps=R.EVAL_EVERY, lr=5.0)
+    s = rec["early_stop"]  # an lr that wrecks the student: the weights it started with were the best
+    assert s["best_step"] == 0 and s["restored_best"] is True
+    last = s["held_out_losses"][-1][1]
+    assert last is None or last > s["best_held_out_loss"]  # None: the loss diverged
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert rec["loss_after"] == pytest.approx(rec["loss_before"])
