@@ -203,15 +203,17 @@ def export_unet_onnx(unet: nn.Module, cond: Cond, path: Path, batch: int = 2) ->
     flat = flat_cond(repeat_cond(cond, batch))
     x, t = _example(unet, batch)
     wrap = UNetModule(unet, tuple(flat), tuple(cond.get("added_cond_kwargs", {})))
-    procs = unet.attn_processors
-    unet.set_attn_processor(AttnProcessor())
+    procs = getattr(unet, "attn_processors", None)  # UNet2DModel (DDPM) has no processor API: eager already
+    if procs is not None:
+        unet.set_attn_processor(AttnProcessor())
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrap.eval(), (x, t.float(), *flat.values()), str(path), input_names=["s", "t", *flat],
                               output_names=["o"], opset_version=17, dynamo=False)
     finally:
-        unet.set_attn_processor(procs)
+        if procs is not None:
+            unet.set_attn_processor(procs)
     return {"s": x.numpy(), "t": t.float().numpy(), **{k: v.numpy() for k, v in flat.items()}}
 
 
