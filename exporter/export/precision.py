@@ -456,7 +456,7 @@ def apply(bundle: Path, precision: str, components: list, profile: DeviceProfile
             else:
                 done[comp.name] = to_int8(path, comp.name, feeds, profile.has_tensorrt, threshold)
             c = done[comp.name]
-            log(f"{comp.name}: {precision}, {c.nodes} nodes" + (f", {len(c.kept_float)} kept fp32" if c.kept_float else "")
+            log(f"{comp.name}: {precision}, {c.nodes} nodes" + (f", {len(c.kept_float)} kept float" if c.kept_float else "")
                 + f" ({c.seconds:.1f} s)")
             if measure:
                 speed = measured_speedup(fp32 / "model.onnx", path, comp.dummy_feed(profile.batch.opt, latent, seed=2))

@@ -187,7 +187,8 @@ def table_key(unet: nn.Module, cond: Cond, batch: int, runs: int, threads: int) 
                                                                                     torch.Tensor) else None)
             for name, m in unet.named_modules()]
     shapes = {k: tuple(v.shape) for k, v in flat_cond(cond).items()}
-    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # "_use_default_values": a set's order
+    # without "_use_default_values", whose order is a set's
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     what = json.dumps([config, arch, shapes, batch, runs, threads, cpu_name(), ort.__version__,
                        torch.__version__], sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:20]

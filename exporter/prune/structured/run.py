@@ -77,7 +77,8 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log)
         try:
             table = ort_cost_table(unet, groups, cond)
             if table.total_ms > 0:
-                log(f"latency-aware: onnxruntime cost table {'read from the cache' if table.source == 'cache' else 'measured'}"
+                how = "read from the cache" if table.source == "cache" else "measured"
+                log(f"latency-aware: onnxruntime cost table {how}"
                     f" for the dense UNet ({sum(table.groups.values()):.2f} of {table.total_ms:.2f} ms in "
                     f"{len(table.groups)} groups)")
                 return {g.path: max(table.groups[g.path], 1e-6) / g.units for g in groups}, "onnxruntime ms", table
@@ -116,9 +117,9 @@ def to_measured_speed(unet, groups, cond, table, costs, target, speed: dict, all
     times it against the dense UNet on onnxruntime here, interleaved, and asks the next allocation for more (the
     shortfall's ratio, then between the closest rounds short of and past the target), until one lands within
     MEASURE_CLOSE past it or MEASURE_ROUNDS rounds are spent; of the rounds that meet the target the least fast is
-    kept (the least removed), else the fastest. `speed` receives the figures. The rounds are cached under `key` (the cost table's, the
-    scores' and the target's): the same command allocates the same units again without timing anything, and its
-    plan shows the figures measured for that allocation."""
+    kept (the least removed), else the fastest. `speed` receives the figures. The rounds are cached under `key`
+    (rounds_key): the same command allocates the same units again without timing anything, and its plan shows the
+    figures measured for that allocation."""
     cached = read_cached("speedup_rounds", key)
     if cached is not None:
         log(f"unet: latency target: the allocation's timed rounds read from the cache ({len(cached['rounds'])})")
@@ -180,7 +181,8 @@ def rounds_key(table, spec, groups, scores: dict) -> str:
     from tinyprune.prune.structured import allocation as rule
 
     code = hashlib.sha256((inspect.getsource(rule) + inspect.getsource(to_measured_speed)).encode()).hexdigest()
-    h = hashlib.sha256(json.dumps([code, [(g.path, g.units, g.removable) for g in groups], table.key, spec.method, spec.scope, spec.structured.normalize,
+    shape = [(g.path, g.units, g.removable) for g in groups]
+    h = hashlib.sha256(json.dumps([code, shape, table.key, spec.method, spec.scope, spec.structured.normalize,
                                    spec.structured.speedup, spec.structured.latency_budget_ms, MEASURE_ROUNDS,
                                    MEASURE_SLACK, MEASURE_CLOSE]).encode())
     for path in sorted(scores):
