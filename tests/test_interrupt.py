@@ -50,9 +50,16 @@ def test_interrupt_leaves_old_bundle(tiny_dir, old_bundle, sig, code):
     out, manifest, listing = old_bundle
     proc = _export(tiny_dir, out)
     staging = _wait_for_staging(proc, out)
-    time.sleep(0.3)  # into the save / ONNX export, not only the mkdir
+    # into the ONNX export, not only the mkdir: a signal timed by the clock could land in the pipeline's save,
+    # whose shard writer was seen finishing the run on a loaded machine (the interrupt lost there)
+    seen = []
+    while not any("export unet ..." in line for line in seen):
+        line = proc.stderr.readline()
+        assert line, "".join(seen)
+        seen.append(line)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=300)
+    _, rest = proc.communicate(timeout=300)
+    stderr = "".join(seen) + rest
     assert proc.returncode == code, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted; nothing was published"
     assert "Traceback" not in stderr
