@@ -480,45 +480,57 @@ def prune(  # parameters in help-panel order, as export's
 @app.command()
 def sweep(
     model: Optional[Path] = ModelOpt,
-    sparsity: str = typer.Option("0.2,0.3,0.43,0.5,0.6", "--sparsity", "-s", help="comma-separated sparsities",
-                                 rich_help_panel=INPUT),
+    method: str = typer.Option("magnitude", "--method", rich_help_panel=METHOD,
+                               help="comma-separated methods, e.g. magnitude,l1-grad,diff-pruning,ld-pruner,ecodiff"),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", rich_help_panel=INPUT,
+                                           help="comma-separated sparsities (default 0.2,0.3,0.43,0.5,0.6; with "
+                                                "--speedup: 0.43, for the methods that only make zeros)"),
+    speedup: Optional[str] = typer.Option(None, "--speedup", rich_help_panel=INPUT,
+                                          help="comma-separated UNet speed-ups for the structured methods (as "
+                                               "export --speedup); the others run at --sparsity"),
     target: str = TargetOpt,
-    method: Method = MethodOpt,
     pattern: Pattern = PatternOpt,
-    quality: int = typer.Option(20, "--quality", help="samples per class at each sparsity", rich_help_panel=GATES),
+    quality: int = typer.Option(20, "--quality", help="samples per class at each point", rich_help_panel=GATES),
     seed: int = typer.Option(1000, "--seed", help="noise seed of the samples (dense and pruned share it)",
                              rich_help_panel=GATES),
-    out_dir: Path = typer.Option(Path("sweep"), "--out", "-o", help="directory for sweep.json and sweep.png",
-                                 rich_help_panel=OUTPUT),
+    out_dir: Path = typer.Option(Path("sweep"), "--out", "-o",
+                                 help="directory for sweep.json, sweep.png and pareto.png", rich_help_panel=OUTPUT),
     force: bool = ForceOpt,
     as_json: bool = JsonOpt,
 ):
-    """Sparsity-quality curve: FD ratio and class accuracy against dense at each sparsity; table, JSON, plot."""
+    """Methods x targets: each point's UNet timed against dense on onnxruntime CPU here, FD ratio and class
+    accuracy against dense; table, JSON, sparsity plot and the speed-up/quality Pareto plot."""
     from rich.progress import Progress
 
-    from tinyprune.workflows.sweep import parse_sparsities, sweep as do_sweep
+    from tinyprune.workflows.sweep import count, sweep as do_sweep
 
     def show(r):
-        t = Table(title=f"{r['method']} ({r['pattern']}) on {r['model']}, {r['n_samples']} samples per point, "
-                        f"seed {r['seed']}")
-        for col in ("sparsity", "FD", "FD ratio", "accuracy", "PSNR dB", "SSIM", "prune s", "gates"):
+        t = Table(title=f"{r['method']} on {r['model']} ({r['profile']}), {r['n_samples']} samples per point, "
+                        f"seed {r['seed']}; UNet timed on onnxruntime CPU here, batch 2")
+        for col in ("method", "target", "removed", "UNet speed-up", "FD", "FD ratio", "accuracy", "PSNR dB", "SSIM",
+                    "prune s", "gates", "front"):
             t.add_column(col)
         if r["rows"]:
             first = r["rows"][0]
-            t.add_row("dense", f"{first['dense_fd']:.2f}", "1.000", f"{first['dense_accuracy']:.3f}", "", "", "", "")
+            t.add_row("dense", "", "0", "1.00x", f"{first['dense_fd']:.2f}", "1.000", f"{first['dense_accuracy']:.3f}",
+                      "", "", "", "", "")
         for row in r["rows"]:
-            t.add_row(f"{row['sparsity']:.2f}", f"{row['fd']:.2f}", f"{row['fd_ratio']:.3f}", f"{row['accuracy']:.3f}",
-                      _num(row["psnr_db"]), f"{row['ssim']:.3f}", f"{row['prune_seconds']:.1f}",
-                      "ok" if row["gates_ok"] else "FAIL")
+            asked = (f"{row['speedup_asked']:g}x" if row["target"] == "speedup"
+                     else f"{row['sparsity']:.2f}") + ("" if row["pattern"] in ("unstructured", "channel")
+                                                       else f" {row['pattern']}")
+            front = "/".join(k for k, f in (("FD", "pareto_fd"), ("acc", "pareto_accuracy")) if row[f])
+            t.add_row(row["method"], asked, f"{row['achieved']:.3f}", f"{row['speedup']:.2f}x", f"{row['fd']:.2f}",
+                      f"{row['fd_ratio']:.3f}", f"{row['accuracy']:.3f}", _num(row["psnr_db"]), f"{row['ssim']:.3f}",
+                      f"{row['prune_seconds']:.1f}", "ok" if row["gates_ok"] else "FAIL", front)
         out.print(t)
-        out.print(f"written: {r['out']}/sweep.json, {r['out']}/sweep.png")
+        out.print(f"written: {r['out']}/sweep.json, {r['out']}/sweep.png, {r['out']}/pareto.png")
 
-    n = len(run(parse_sparsities, sparsity)) if err.is_terminal else 0
+    n = run(count, method, sparsity, speedup, pattern.value, target) if err.is_terminal else 0
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("sweep", total=n)
-        run(do_sweep, str(model) if model else None, sparsity, method.value, pattern.value, target, out_dir, force,
-            quality, seed, log=log if not err.is_terminal else (lambda m: None), progress=lambda: bar.advance(task),
-            as_json=as_json, show=show)
+        run(do_sweep, str(model) if model else None, sparsity, method, pattern.value, target, out_dir, force,
+            quality, seed, speedup, log=log if not err.is_terminal else (lambda m: None),
+            progress=lambda: bar.advance(task), as_json=as_json, show=show)
 
 
 @app.command()

@@ -103,3 +103,53 @@ def test_sweep_bad_list(tiny_dir, tmp_path):
     r = invoke("sweep", "--model", tiny_dir, "--sparsity", "0.2,1.5", "--out", tmp_path / "s")
     assert r.exit_code == 2 and r.stderr.strip().endswith("error: --sparsity must be in [0, 1), got 1.5")
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_methods_by_speedup_timed_with_pareto_front(tiny_dir, tmp_path):
+    """A speed-up sweep: the structured method prunes to each speed-up and every point, the zero-making method's too,
+    is timed against the dense UNet; the front flags and pareto.png follow from the rows."""
+    from tinyprune.workflows.sweep import pareto
+
+    r = invoke("sweep", "--model", tiny_dir, "--method", "magnitude,ld-pruner", "--speedup", "1.5",
+               "--target", "x86-cpu", "--quality", 1, "--out", tmp_path / "p", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    rows = data["rows"]
+    assert [(row["method"], row["target"], row["speedup_asked"]) for row in rows] == [
+        ("magnitude", "sparsity", None), ("ld-pruner", "speedup", 1.5)]
+    assert rows[0]["sparsity"] == 0.43 and round(rows[0]["achieved"], 3) == 0.43  # the zero-making method at export's default
+    assert rows[1]["pattern"] == "channel" and 0 < rows[1]["achieved"] < 1
+    for row in rows:  # measured here, both sides interleaved
+        assert row["p50_ms"] > 0 and row["dense_p50_ms"] > 0
+        assert row["speedup"] == round(row["dense_p50_ms"] / row["p50_ms"], 3)
+    assert rows[1]["speedup_predicted"] is not None  # the structured point's plan holds the cost table's prediction
+    assert [row["pareto_fd"] for row in rows] == pareto(rows, "fd_ratio", "lower")
+    assert [row["pareto_accuracy"] for row in rows] == pareto(rows, "accuracy", "higher")
+    assert data["speed"]["backend"] == "ort-cpu" and data["speed"]["batch"] == 2
+    for name in ("sweep.png", "pareto.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front():
+    from tinyprune.workflows.sweep import pareto
+
+    rows = [{"speedup": 1.0, "fd_ratio": 1.05, "accuracy": 0.95},  # front: the best quality
+            {"speedup": 1.5, "fd_ratio": 1.10, "accuracy": 0.90},  # front: faster than the first, worse than it
+            {"speedup": 1.4, "fd_ratio": 1.20, "accuracy": 0.90},  # beaten by the second on both
+            {"speedup": 2.0, "fd_ratio": 1.10, "accuracy": 0.80},  # beats the second on FD: faster, as good
+            {"speedup": 2.0, "fd_ratio": 1.10, "accuracy": 0.80}]  # an equal twin beats neither
+    assert pareto(rows, "fd_ratio", "lower") == [True, False, False, True, True]
+    assert pareto(rows, "accuracy", "higher") == [True, True, False, True, True]
+
+
+def test_sweep_refusals_before_any_work(tiny_dir, tmp_path):
+    for args, line in (
+            (("--speedup", "1,2"), "error: --speedup must be a number > 1, got 1"),
+            (("--method", "magnitude,nope"), "error: unknown --method 'nope'; known methods:"),
+            (("--method", ","), "error: --method needs a comma-separated list"),
+            (("--pattern", "2:4", "--target", "x86-cpu"), "error: pattern 2:4 needs sparse tensor cores")):
+        r = invoke("sweep", "--model", tiny_dir, *args, "--out", tmp_path / "s")
+        assert r.exit_code == 2, (args, r.stderr)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(line), (args, r.stderr)
+        assert "Traceback" not in r.stderr and not (tmp_path / "s").exists()

@@ -342,6 +342,51 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str | None = None) -> 
     return path
 
 
+def pareto_plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Measured UNet speed-up (x) against FD ratio to dense (left panel, lower is better) and class accuracy (right
+    panel, higher is better), one marker per method, dense at (1, 1) / its accuracy, and each panel's front (rows
+    flagged "pareto_fd" / "pareto_accuracy") joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), dpi=100)
+    markers = "osD^vP*X"
+
+    def name(r):  # 2:4 apart from the same method's unstructured zeros
+        return str(r["method"]) + ("" if r["pattern"] in ("unstructured", "channel") else f" {r['pattern']}")
+
+    methods = list(dict.fromkeys(name(r) for r in rows))
+    for ax, key, flag, label in ((axes[0], "fd_ratio", "pareto_fd", "FD ratio to dense (lower is better)"),
+                                 (axes[1], "accuracy", "pareto_accuracy", "class accuracy (higher is better)")):
+        for i, m in enumerate(methods):
+            mine = [r for r in rows if name(r) == m]
+            ax.scatter([r["speedup"] for r in mine], [r[key] for r in mine], marker=markers[i % len(markers)],
+                       s=40, label=m, zorder=3)
+        front = sorted((r for r in rows if r.get(flag)), key=lambda r: r["speedup"])
+        if front:
+            ax.plot([r["speedup"] for r in front], [r[key] for r in front], "-", color="0.4", linewidth=1,
+                    label="front", zorder=2)
+        dense = 1.0 if key == "fd_ratio" else next((r["dense_accuracy"] for r in rows), None)
+        if dense is not None:
+            ax.scatter([1.0], [dense], marker="*", s=120, color="black", label="dense", zorder=4)
+        ax.axvline(1.0, color="0.7", linestyle=":", linewidth=1)
+        ax.set_xlabel("UNet speed-up over dense, measured")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylim(bottom=0.0)
+    axes[1].set_ylim(0.0, 1.02)
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle(title or "speed-up vs quality", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- end to end
 
 def conditions_for(pipe, labels: list[int]) -> list:

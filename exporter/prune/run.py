@@ -61,9 +61,11 @@ def _masks(model, weights, spec: PruneSpec, batches, scheduler, log, engine: Eng
     return masks, decisions, info
 
 
-def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, engine: Engine = LOCAL) -> PrunePlan:
+def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, engine: Engine = LOCAL,
+          scores: dict | None = None) -> PrunePlan:
     """Prune the UNet (and the VAE and text encoders when asked) in place; returns the plan recorded in the bundle.
-    On several ranks it returns only once every rank holds the same pruned models."""
+    On several ranks it returns only once every rank holds the same pruned models. `scores`: a structured method's
+    unit scores to fill or reuse (prune_structured's), for several prunings of the same model on the same batches."""
     from tinyprune.errors import InputError
 
     family = pipe.family
@@ -88,7 +90,7 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
     if spec.pattern == "channel":  # structured: channels and heads physically removed (prune/structured/)
         from tinyprune.prune.structured.run import prune_structured
 
-        plan = prune_structured(pipe, spec, batches, log, engine=engine)
+        plan = prune_structured(pipe, spec, batches, log, scores=scores, engine=engine)
         engine.agree("prune", models.values())
         return plan
     components = {}
