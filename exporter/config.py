@@ -313,6 +313,7 @@ class L1GradSpec:
 
 
 COST_MODELS = ("ort", "macs")
+TENSOR_CORE_CHANNELS = 8  # TensorRT's fp16/int8 tensor-core kernels: channel counts in multiples of 8
 NORMALIZERS = ("mean", "none")
 
 
@@ -326,7 +327,9 @@ class StructuredSpec:
     removed) is the target. latency_aware: weigh each group by its cost -- measured onnxruntime CPU time ("ort")
     or MACs ("macs") -- instead of its parameters; None: by the target (PruneSpec.resolve: on where only structure
     pays, ort on CPU targets, MACs on GPU ones). normalize: per-group score normalisation ("mean", Torch-Pruning's;
-    "none"). recovery_minutes caps the distillation's wall time.
+    "none"). recovery_minutes caps the distillation's wall time. channel_multiple: every thinned group keeps a
+    channel count that is a multiple of it (for_target: 8 on TensorRT targets, whose fp16/int8 tensor-core kernels
+    want channels in multiples of 8; 1 elsewhere).
     """
 
     target_macs: float | None = None
@@ -336,6 +339,7 @@ class StructuredSpec:
     recovery_minutes: float | None = None
     speedup: float | None = None
     latency_budget_ms: float | None = None
+    channel_multiple: int = 1
 
     @property
     def latency_target(self) -> bool:
@@ -393,7 +397,8 @@ class StructuredSpec:
                 notices.append(f"structured on {profile.name} (only a smaller network is faster there): latency-aware "
                                f"allocation by {'measured onnxruntime time' if cost_model == 'ort' else 'MACs'} "
                                "(--no-latency-aware: by parameters)")
-        return replace(self, latency_aware=latency_aware, cost_model=cost_model), notices
+        return replace(self, latency_aware=latency_aware, cost_model=cost_model,
+                       channel_multiple=TENSOR_CORE_CHANNELS if profile.has_tensorrt else 1), notices
 
 
 def _positive(flag: str, value, above: float = 0.0) -> float | None:

@@ -107,6 +107,39 @@ def test_allocation_targets():
     assert all(len(keep[gr.path]) == gr.units for gr in groups)
 
 
+def test_align_channels_rounds_kept_channels_up_to_the_multiple():
+    from tinyprune.model.structure import Group
+    from tinyprune.prune.structured.allocation import align_channels
+
+    groups = [Group("resnet", "r", units=32, width=10, params_per_unit=1),  # 4 units = 40 channels per multiple
+              Group("attention", "a", units=8, width=40, params_per_unit=1),  # every head count is a multiple
+              Group("feedforward", "f", units=20, width=1, params_per_unit=1),  # 20 channels: no multiple of 8 above 16
+              Group("feedforward", "e", units=16, width=1, params_per_unit=1)]
+    scores = {g.path: torch.arange(g.units, dtype=torch.float) for g in groups}  # higher index = more important
+    keep = {"r": torch.tensor([3, 9, 31]), "a": torch.tensor([0, 5, 7]), "f": torch.tensor([19] + list(range(10))),
+            "e": torch.tensor([], dtype=torch.long)}
+    out = align_channels(groups, scores, keep, 8)
+    assert out["r"].tolist() == [3, 9, 30, 31]  # 30 channels -> 40: the most important removed unit comes back
+    assert out["a"].tolist() == [0, 5, 7]  # 120 channels: already a multiple of 8
+    assert out["f"].tolist() == list(range(10)) + list(range(14, 20))  # 11 -> 16 channels
+    assert out["e"].tolist() == []  # an emptied group stays empty
+    assert align_channels(groups, scores, keep, 1) is keep
+
+
+def test_structured_on_tensorrt_targets_keeps_channels_in_multiples_of_8():
+    pipe = tiny_pipeline(seed=0)
+    spec, _ = PruneSpec.resolve("ld-pruner", 0.43, "unstructured", "global", False, load_profile("jetson-agx-xavier"),
+                                l1grad=L1GradSpec.parse(recovery_steps=0))
+    assert spec.structured.channel_multiple == 8 and _spec("ld-pruner").structured.channel_multiple == 1
+    groups = {g.path: g for g in find_groups(pipe.unet)}
+    plan = prune_structured(pipe, spec, _batches(pipe), score_options=FAST["ld-pruner"])
+    u = plan.components["unet"]
+    assert u.allocation["channel_multiple"] == 8
+    kept = {p: e["kept"] * groups[p].width for p, e in u.groups.items()}
+    assert all(c == 0 or c % 8 == 0 or e["kept"] == e["units"] for (p, c), e in zip(kept.items(), u.groups.values()))
+    assert any(0 < e["kept"] < e["units"] for e in u.groups.values())  # thinned, not only emptied or kept whole
+
+
 def test_target_macs_and_latency_aware_by_macs():
     pipe = tiny_pipeline(seed=0)
     plan = prune_structured(pipe, _spec("diff-pruning", target_macs=0.5, latency_aware=True, cost_model="macs"),

@@ -114,6 +114,30 @@ def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Targe
     return {g.path: order[g.path][counts[g.path]:].sort().values for g in groups}
 
 
+def align_channels(groups: list[Group], scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                   multiple: int) -> dict[str, torch.Tensor]:
+    """Kept units of every thinned group raised to the next count whose channels (units x width) are a multiple of
+    `multiple`, the removed units coming back most important first; an emptied group stays empty, and one whose full
+    width is no such multiple keeps at most all its units. Rounding up errs towards quality: the target is met a
+    little less, and the plan records what was removed."""
+    if multiple <= 1:
+        return keep
+    out = {}
+    for g in groups:
+        kept = keep[g.path]
+        k = len(kept)
+        if k == 0 or (k * g.width) % multiple == 0:
+            out[g.path] = kept
+            continue
+        step = multiple // math.gcd(multiple, g.width)  # units per multiple of channels
+        want = min(g.units, -(-k // step) * step)
+        taken = set(kept.tolist())
+        back = [u for u in torch.argsort(scores[g.path].detach().double(), descending=True, stable=True).tolist()
+                if u not in taken][:want - k]
+        out[g.path] = torch.cat([kept, torch.tensor(back, dtype=kept.dtype)]).sort().values
+    return out
+
+
 def _uniform(groups, gain, limit, need, norm, order) -> dict[str, int]:
     """The largest common fraction of units under the target, then one more unit (the least important
     next one, in group order of score) from groups until the target is met: fractions differ by at most

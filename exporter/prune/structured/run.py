@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tinyprune.errors import InputError
-from tinyprune.prune.structured.allocation import Target, allocate, reachable
+from tinyprune.prune.structured.allocation import Target, align_channels, allocate, reachable
 from tinyprune.prune.structured.cost import (count_macs, export_unet_onnx, measured_speedup, ort_cost_table,
                                              read_cached, token_counts, unit_macs, write_cached)
 from tinyprune.model.families import move_cond
@@ -240,10 +240,11 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     macs = unit_macs(unet, groups, token_counts(unet, groups, cond)) if target.kind == "macs" else None
 
     def allocation(target):
-        return allocate(groups, unit_scores, target, costs=costs, macs=macs, scope=spec.scope, normalize=st.normalize,
+        keep = allocate(groups, unit_scores, target, costs=costs, macs=macs, scope=spec.scope, normalize=st.normalize,
                         removed_before=params_dense - prunable_params(unet),
                         macs_total=macs_now if target.kind == "macs" else None,
                         latency_total=table.total_ms if table is not None else None)
+        return align_channels(groups, unit_scores, keep, st.channel_multiple)
 
     if target.kind == "latency":
         keep = to_measured_speed(unet, groups, cond, table, costs, target, speed, allocation, log,
@@ -275,6 +276,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         target={"kind": target.kind, "amount": round(target.amount, 4 if target.kind == "latency" else 1),
                 **({"speedup": speed} if speed else {})},
         allocation={"scope": spec.scope, "normalize": st.normalize, "cost": cost_kind,
+                    "channel_multiple": st.channel_multiple,
                     **({"cost_table": table.to_dict()} if table is not None else {})},
         collapsed_single_token_attention=collapsed,
         groups={g.path: {"kind": g.kind, "units": g.units, "kept": len(keep[g.path]),
