@@ -169,6 +169,11 @@ RecoveryTargetOpt = typer.Option(None, "--recovery-target", rich_help_panel=RECO
                                  "output; default) | noise (the true noise: no second UNet copy in memory)")
 CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for calibration batches (default: "
                               "data-free, the dense model's own samples)", rich_help_panel=INPUT)
+CalibrationSamplesOpt = typer.Option(None, "--calibration-samples", rich_help_panel=INPUT,
+                                     help="how many latents calibration, scoring and recovery read: data-free samples "
+                                          "of the dense model (default 40 prompts, fewer when the pipeline's own "
+                                          "prompts.txt is short) or images of --calibration (default at most 256); "
+                                          "more makes recovery generalise, at sampling and scoring time")
 
 
 TargetMacsOpt = typer.Option(None, "--target-macs", help="structured: fraction of the dense UNet's MACs to keep, in "
@@ -267,9 +272,10 @@ def _structured(target_macs, latency_aware, cost_model, recovery_minutes, speedu
             "recovery_minutes": recovery_minutes, "speedup": speedup, "latency_budget_ms": latency_budget_ms}
 
 
-def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target) -> dict:
+def _tuning(alpha, beta, l1, recovery_steps, iterations, calibration, recovery_target, calibration_samples) -> dict:
     return {"alpha": alpha, "beta": beta, "l1": l1, "recovery_steps": recovery_steps, "iterations": iterations,
-            "recovery_target": recovery_target, "calibration": str(calibration) if calibration else None}
+            "recovery_target": recovery_target, "calibration": str(calibration) if calibration else None,
+            "calibration_samples": calibration_samples}
 
 
 def log(msg: str) -> None:
@@ -382,6 +388,7 @@ def export(  # parameters in help-panel order: input and target, method, recover
     sparsity: str = SparsityOpt,
     target: str = TargetOpt,
     calibration: Optional[Path] = CalibrationOpt,
+    calibration_samples: Optional[int] = CalibrationSamplesOpt,
     method: Method = MethodOpt,
     pattern: Pattern = PatternOpt,
     scope: Scope = ScopeOpt,
@@ -415,7 +422,8 @@ def export(  # parameters in help-panel order: input and target, method, recover
     as_json: bool = JsonOpt,
 ):
     """Prune, bake, export UNet + VAE to ONNX, validate drift, and write a bundle (exit 1 if a gate fails)."""
-    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
+    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target),
+                          calibration_samples),
                   structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes, speedup,
                                          latency_budget_ms),
                   prune_text_encoder=prune_text_encoder,
@@ -435,6 +443,7 @@ def prune(  # parameters in help-panel order, as export's
     sparsity: str = SparsityOpt,
     target: str = TargetOpt,
     calibration: Optional[Path] = CalibrationOpt,
+    calibration_samples: Optional[int] = CalibrationSamplesOpt,
     method: Method = MethodOpt,
     pattern: Pattern = PatternOpt,
     scope: Scope = ScopeOpt,
@@ -461,7 +470,8 @@ def prune(  # parameters in help-panel order, as export's
 ):
     """Prune and bake only; writes a pipeline dir that diffusers' loaders read back. Under `accelerate launch` or
     `torchrun` each process is a data-parallel rank and only rank 0 writes."""
-    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target)),
+    tuning = dict(_tuning(alpha, beta, l1, recovery_steps, iterations, calibration, _value(recovery_target),
+                          calibration_samples),
                   structured=_structured(target_macs, latency_aware, _value(cost_model), recovery_minutes, speedup,
                                          latency_budget_ms),
                   prune_text_encoder=prune_text_encoder,
@@ -490,6 +500,7 @@ def sweep(
                                                "export --speedup); the others run at --sparsity"),
     target: str = TargetOpt,
     pattern: Pattern = PatternOpt,
+    calibration_samples: Optional[int] = CalibrationSamplesOpt,
     quality: int = typer.Option(20, "--quality", help="samples per class at each point", rich_help_panel=GATES),
     seed: int = typer.Option(1000, "--seed", help="noise seed of the samples (dense and pruned share it)",
                              rich_help_panel=GATES),
@@ -525,11 +536,11 @@ def sweep(
         out.print(t)
         out.print(f"written: {r['out']}/sweep.json, {r['out']}/sweep.png, {r['out']}/pareto.png")
 
-    n = run(count, method, sparsity, speedup, pattern.value, target) if err.is_terminal else 0
+    n = run(count, method, sparsity, speedup, pattern.value, target, calibration_samples) if err.is_terminal else 0
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("sweep", total=n)
         run(do_sweep, str(model) if model else None, sparsity, method, pattern.value, target, out_dir, force,
-            quality, seed, speedup, log=log if not err.is_terminal else (lambda m: None),
+            quality, seed, speedup, calibration_samples, log=log if not err.is_terminal else (lambda m: None),
             progress=lambda: bar.advance(task), as_json=as_json, show=show)
 
 

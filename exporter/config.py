@@ -451,6 +451,7 @@ class PruneSpec:
     calibration: str | None = None  # image folder for calibration batches; None = data-free (dense samples)
     structured: StructuredSpec = StructuredSpec()
     prune_text_encoder: bool = False
+    calibration_samples: int | None = None  # data-free samples (or images) calibration reads; None: the default
 
     @property
     def recovery_steps(self) -> int:
@@ -469,7 +470,8 @@ class PruneSpec:
     def resolve(method: str, sparsity, pattern: str, scope: str, prune_vae: bool, profile: DeviceProfile,
                 seed: int = 0, l1grad: L1GradSpec | None = None,
                 calibration: str | None = None, structured: StructuredSpec | None = None,
-                prune_text_encoder: bool = False) -> tuple["PruneSpec", list[str]]:
+                prune_text_encoder: bool = False,
+                calibration_samples: int | None = None) -> tuple["PruneSpec", list[str]]:
         """Validate the user's choices against the target; returns the spec and notices to show."""
         notices = []
         s = parse_sparsity(sparsity)
@@ -521,8 +523,11 @@ class PruneSpec:
             )
         if calibration is not None and not Path(calibration).is_dir():
             raise InputError(f"--calibration {calibration} is not a directory of images")
+        if calibration_samples is not None and (isinstance(calibration_samples, bool)
+                                                or not isinstance(calibration_samples, int) or calibration_samples < 1):
+            raise InputError(f"--calibration-samples must be an integer >= 1, got {calibration_samples!r}")
         return PruneSpec(method, s, pattern, scope, prune_vae, seed, l1grad or L1GradSpec(), calibration,
-                         structured, prune_text_encoder), notices
+                         structured, prune_text_encoder, calibration_samples), notices
 
 
 @dataclass(frozen=True)

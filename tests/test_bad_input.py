@@ -148,6 +148,7 @@ STRUCTURED_ONLY = "applies to --method diff-pruning, ld-pruner, ecodiff only"
     (["--speedup", "2"], f"--speedup {STRUCTURED_ONLY} (got magnitude)"),
     (["--latency-budget-ms", "20"], f"--latency-budget-ms {STRUCTURED_ONLY} (got magnitude)"),
     (["--method", "ecodiff", "--speedup", "2", "--target-macs", "0.5"], "--target-macs and --speedup are both targets; give one"),
+    (["--method", "ld-pruner", "--calibration-samples", "0"], "--calibration-samples must be an integer >= 1, got 0"),
 ])
 @pytest.mark.parametrize("command", ["export", "prune"])
 def test_option_the_method_does_not_read(tmp_path, command, args, message):

@@ -37,6 +37,14 @@ def test_a_pipelines_own_prompts_replace_the_shipped_ones_and_travel_with_it(tin
     pipe = load_pipeline(own)
     assert pipe.family.check_conditions() == ["the digit 1", "a handwritten two"]
     assert pipe.family.calibration_conditions() == ["the digit 1"]  # every third
+    # a count: the other prompts follow, then the list cycles (each chunk of samples has its own seed)
+    assert pipe.family.calibration_conditions(5) == ["the digit 1", "a handwritten two", "the digit 1",
+                                                     "a handwritten two", "the digit 1"]
+    from tinyprune.model.calibration import calibration_batches
+
+    batches = calibration_batches(pipe, samples=5, batch_size=4)
+    assert [len(b.t) for b in batches] == [4, 1]
+    assert not torch.equal(batches[0].x0[0], batches[0].x0[2])  # the same prompt, other noise, another sample
     save_pipeline(pipe, tmp_path / "saved")
     assert (tmp_path / "saved" / "prompts.txt").read_text() == (own / "prompts.txt").read_text()
 

@@ -64,9 +64,11 @@ class CalibrationSet:
         return out
 
 
-def from_samples(pipe: Pipeline, conditions: list | None = None, seed: int = 0, steps: int = 20) -> CalibrationSet:
-    """Data-free: the dense model's own samples, one per condition (default: the family's calibration set)."""
-    conditions = pipe.family.calibration_conditions() if conditions is None else list(conditions)
+def from_samples(pipe: Pipeline, conditions: list | None = None, seed: int = 0, steps: int = 20,
+                 n: int | None = None) -> CalibrationSet:
+    """Data-free: the dense model's own samples, one per condition (default: `n` of the family's calibration
+    conditions, or its default set)."""
+    conditions = pipe.family.calibration_conditions(n) if conditions is None else list(conditions)
     latents = torch.cat([sample_latents(pipe, conditions[i:i + 20], seed=seed + i, steps=steps)
                          for i in range(0, len(conditions), 20)])
     return CalibrationSet(latents, conditions, "samples")
@@ -121,7 +123,9 @@ def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> Calibra
 
 
 def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,
-                        batch_size: int = 16) -> list[Batch]:
-    """The batches pruning reads: from an image folder when given, else data-free from the dense model."""
-    cal = from_images(pipe, folder) if folder is not None else from_samples(pipe, seed=seed)
+                        batch_size: int = 16, samples: int | None = None) -> list[Batch]:
+    """The batches pruning reads: from an image folder when given (at most `samples` images, default 256), else
+    data-free from the dense model (`samples` of its own samples; default: the family's calibration set)."""
+    cal = (from_images(pipe, folder, **({"limit": samples} if samples else {})) if folder is not None
+           else from_samples(pipe, seed=seed, n=samples))
     return cal.batches(pipe, batch_size=batch_size, seed=seed)

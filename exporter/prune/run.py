@@ -82,7 +82,7 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
         from tinyprune.model.calibration import calibration_batches
 
         with engine.hosting(pipe.unet), engine.autocast():  # the dense model's samples, on the engine's device
-            batches = calibration_batches(pipe, spec.calibration, seed=spec.seed)
+            batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples)
         log(f"calibration: {sum(len(b.t) for b in batches)} latents in {len(batches)} batches "
             f"({'images from ' + spec.calibration if spec.calibration else 'data-free: the dense model samples'})")
     if batches is not None:

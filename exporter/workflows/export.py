@@ -89,13 +89,15 @@ def _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, 
     compute = ComputeSpec.parse(**(tuning.pop("compute", None) or {}))
     engine = engine or local(compute)
     calibration = tuning.pop("calibration", None)
+    calibration_samples = tuning.pop("calibration_samples", None)
     prune_text = bool(tuning.pop("prune_text_encoder", False))
     from tinyprune.config import StructuredSpec
 
     structured = StructuredSpec.parse(**(tuning.pop("structured", None) or {}))  # structured methods' options
     spec, notices = PruneSpec.resolve(method, sparsity, pattern, scope, prune_vae, profile,
                                       l1grad=L1GradSpec.parse(**tuning), calibration=calibration,
-                                      structured=structured, prune_text_encoder=prune_text)
+                                      structured=structured, prune_text_encoder=prune_text,
+                                      calibration_samples=calibration_samples)
     for n in notices:
         log(f"notice: {n}")
     engine.on_main(lambda: check_out_dir(out, force))  # before minutes of work, not after; rank 0 cleans up

@@ -60,7 +60,7 @@ class Point:
 
 
 def points(methods: list[str], sparsities: str | None, speedups: str | None, pattern: str, profile,
-           scope: str = "global") -> list[Point]:
+           scope: str = "global", calibration_samples: int | None = None) -> list[Point]:
     """Every (method, target) of the sweep, validated against the profile before any work."""
     from tinyprune.prune.structured.run import STRUCTURED_METHODS
 
@@ -74,16 +74,21 @@ def points(methods: list[str], sparsities: str | None, speedups: str | None, pat
         pat = "unstructured" if structured and pattern == "2:4" else pattern
         if ups and structured:
             out += [Point(PruneSpec.resolve(method, 0.0, pat, scope, False, profile,
-                                            structured=StructuredSpec.parse(speedup=x))[0], "speedup", x)
+                                            structured=StructuredSpec.parse(speedup=x),
+                                            calibration_samples=calibration_samples)[0], "speedup", x)
                     for x in ups]
         else:
-            out += [Point(PruneSpec.resolve(method, s, pat, scope, False, profile)[0], "sparsity", s) for s in levels]
+            out += [Point(PruneSpec.resolve(method, s, pat, scope, False, profile,
+                                            calibration_samples=calibration_samples)[0], "sparsity", s)
+                    for s in levels]
     return out
 
 
-def count(method: str, sparsities: str | None, speedups: str | None, pattern: str, target: str) -> int:
+def count(method: str, sparsities: str | None, speedups: str | None, pattern: str, target: str,
+          calibration_samples: int | None = None) -> int:
     """How many points a sweep prunes (its progress bar's total)."""
-    return len(points(parse_methods(method), sparsities, speedups, pattern, load_profile(target)))
+    return len(points(parse_methods(method), sparsities, speedups, pattern, load_profile(target),
+                      calibration_samples=calibration_samples))
 
 
 class UnetClock:
@@ -128,13 +133,13 @@ def pareto(rows: list[dict], quality: str, better: str) -> list[bool]:
 def sweep(model: str | None, sparsities: str | None = None, method: str = "magnitude",
           pattern: str = "unstructured", target: str = "jetson", out: str | Path = "sweep", force: bool = False,
           per_class: int = 20, seed: int = quality_gate.QUALITY_SEED, speedups: str | None = None,
-          log=lambda msg: None, progress=None) -> dict:
+          calibration_samples: int | None = None, log=lambda msg: None, progress=None) -> dict:
     """Dense samples once, calibration batches once; then for each point a fresh copy of the dense pipeline is
     pruned (a structured method's scores are computed once and reused across its targets: same model, same
     batches), timed against the dense UNet and sampled on the same prompts and noise (`seed` picks the noise)."""
     profile = load_profile(target)
     methods = parse_methods(method)
-    todo = points(methods, sparsities, speedups, pattern, profile)
+    todo = points(methods, sparsities, speedups, pattern, profile, calibration_samples=calibration_samples)
     if per_class < 1:
         raise InputError(f"--quality must be >= 1 sample per class for a sweep, got {per_class}")
     out = Path(out)
@@ -150,7 +155,7 @@ def sweep(model: str | None, sparsities: str | None = None, method: str = "magni
     if any(p.spec.needs_calibration for p in todo):
         from tinyprune.model.calibration import calibration_batches
 
-        batches = calibration_batches(dense, None, seed=0)
+        batches = calibration_batches(dense, None, seed=0, samples=calibration_samples)
     rows, scores = [], {}
     with UnetClock(dense) as clock:
         for p in todo:

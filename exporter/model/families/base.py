@@ -163,8 +163,9 @@ class Family:
         """The conditions image checks draw, in a fixed order: the first n (CHECK_CONDITIONS when None)."""
         raise NotImplementedError
 
-    def calibration_conditions(self) -> list:
-        """The conditions data-free calibration samples the dense model for."""
+    def calibration_conditions(self, n: int | None = None) -> list:
+        """The conditions data-free calibration samples the dense model for (`n` of them; None: the family's
+        default count)."""
         raise NotImplementedError
 
     def image_condition(self, caption: str | None):

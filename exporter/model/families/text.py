@@ -103,8 +103,14 @@ class StableDiffusionFamily(Family):
     def check_conditions(self, n: int | None = None) -> list[str]:
         return self.prompts[: self.CHECK_CONDITIONS if n is None else n]
 
-    def calibration_conditions(self) -> list[str]:
-        return self.prompts[::3][:CALIBRATION_PROMPTS]
+    def calibration_conditions(self, n: int | None = None) -> list[str]:
+        """Every third prompt (all twelve categories of calibration/prompts.txt in its first 40); `n`: that many,
+        the other prompts following and the list cycling when it is shorter (from_samples gives each chunk of 20
+        its own seed, so a prompt asked again is drawn from other noise)."""
+        if n is None:
+            return self.prompts[::3][:CALIBRATION_PROMPTS]
+        order = self.prompts[::3] + self.prompts[1::3] + self.prompts[2::3]
+        return [order[i % len(order)] for i in range(n)]
 
     def image_condition(self, caption: str | None) -> str:
         return caption or ""

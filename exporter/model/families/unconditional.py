@@ -20,8 +20,8 @@ class UnconditionalFamily(Family):
     def check_conditions(self, n: int | None = None) -> list[None]:
         return [None] * (self.CHECK_CONDITIONS if n is None else n)
 
-    def calibration_conditions(self) -> list[None]:
-        return [None] * CALIBRATION_SAMPLES
+    def calibration_conditions(self, n: int | None = None) -> list[None]:
+        return [None] * (CALIBRATION_SAMPLES if n is None else n)
 
     def image_condition(self, caption: str | None) -> None:
         return None
