@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", default="1.5,2,3")
     ap.add_argument("--target", default="x86-cpu")
     ap.add_argument("--quality", type=int, default=10, help="samples per digit at each point")
+    ap.add_argument("--calibration-samples", type=int, default=None, help="the sweep's --calibration-samples")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     out = args.out.resolve()
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         rel = relative_paths(work, out)
         sweep = ["sweep", "--method", args.methods, "--speedup", args.speedups, "--target", args.target,
                  "--quality", str(args.quality), "--out", str(work / "sweep"), "--json"]
+        if args.calibration_samples:
+            sweep += ["--calibration-samples", str(args.calibration_samples)]
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "tinyprune.cli", *sweep], capture_output=True, text=True)
         minutes = (time.monotonic() - t0) / 60

@@ -294,6 +294,43 @@ def test_export_reports_runtime_drift(bundle):
     assert "Torch-free runtime vs PyTorch" in (out / "report" / "report.md").read_text()
 
 
+def test_runtime_check_runs_one_guided_condition_per_unet_call(bundle, tiny_dir, monkeypatch):
+    """Four conditions, UNet batches of 2 (a condition and its unguided twin: the memory of one image at a time), and
+    the same images as the whole batch at once."""
+    from tinyprune.config import load_profile
+    from tinyprune.judge import runtime_check as rc
+    from tinyprune.model.pipeline import load_pipeline
+    from tinyprune.model.sampling import DEFAULT_GUIDANCE
+    from tinyprune.runtime.generate import Runtime
+
+    out, _ = bundle
+    ref = rc.torch_e2e_reference(load_pipeline(out / "pruned"), steps=4)
+    assert len(ref.conditions) == rc.E2E_LABELS == 4
+    batches, enter = [], Runtime.__enter__
+
+    def spying(rt):
+        enter(rt)
+        runner = type(rt.runners["unet"])
+        call = runner.__call__
+
+        def counted(self, feed):  # the UNet's calls only: it alone takes a timestep
+            if "timestep" in feed:
+                batches.append(len(feed["sample"]))
+            return call(self, feed)
+
+        monkeypatch.setattr(runner, "__call__", counted)
+        return rt
+
+    monkeypatch.setattr(Runtime, "__enter__", spying)
+    drift = rc.runtime_drift(out, ref, load_profile("x86-cpu"), "pruned", steps=4)
+    assert drift and set(batches) == {2} and len(batches) == 4 * 4
+    with Runtime(out) as whole:  # no cap: all four guided conditions in one call of batch 8
+        images = whole.generate(list(ref.conditions), seed=rc.IMAGE_SEED, steps=4, scheduler="ddim",
+                                guidance=DEFAULT_GUIDANCE)
+    assert set(batches[16:]) == {8}
+    assert float(np.abs(images - ref.images).max()) == pytest.approx(drift.max_abs, abs=1e-6)
+
+
 def test_validate_runtime_drift_dense_and_pruned(bundle, tiny_dir, tmp_path):
     from tinyprune.workflows.export import export
 

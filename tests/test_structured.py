@@ -107,22 +107,25 @@ def test_allocation_targets():
     assert all(len(keep[gr.path]) == gr.units for gr in groups)
 
 
-def test_align_channels_rounds_kept_channels_up_to_the_multiple():
+def test_align_channels_rounds_kept_channels_down_to_the_multiple():
     from tinyprune.model.structure import Group
     from tinyprune.prune.structured.allocation import align_channels
 
     groups = [Group("resnet", "r", units=32, width=10, params_per_unit=1),  # 4 units = 40 channels per multiple
               Group("attention", "a", units=8, width=40, params_per_unit=1),  # every head count is a multiple
-              Group("feedforward", "f", units=20, width=1, params_per_unit=1),  # 20 channels: no multiple of 8 above 16
-              Group("feedforward", "e", units=16, width=1, params_per_unit=1)]
+              Group("feedforward", "f", units=20, width=1, params_per_unit=1),
+              Group("feedforward", "e", units=16, width=1, params_per_unit=1),
+              Group("resnet", "s", units=32, width=10, params_per_unit=1)]
     scores = {g.path: torch.arange(g.units, dtype=torch.float) for g in groups}  # higher index = more important
-    keep = {"r": torch.tensor([3, 9, 31]), "a": torch.tensor([0, 5, 7]), "f": torch.tensor([19] + list(range(10))),
-            "e": torch.tensor([], dtype=torch.long)}
+    keep = {"r": torch.tensor([3, 9, 30, 31, 1, 2]), "a": torch.tensor([0, 5, 7]),
+            "f": torch.tensor([19] + list(range(10))), "e": torch.tensor([], dtype=torch.long),
+            "s": torch.tensor([3, 9])}
     out = align_channels(groups, scores, keep, 8)
-    assert out["r"].tolist() == [3, 9, 30, 31]  # 30 channels -> 40: the most important removed unit comes back
+    assert out["r"].tolist() == [3, 9, 30, 31]  # 60 channels -> 40: the least important kept units go too
     assert out["a"].tolist() == [0, 5, 7]  # 120 channels: already a multiple of 8
-    assert out["f"].tolist() == list(range(10)) + list(range(14, 20))  # 11 -> 16 channels
+    assert out["f"].tolist() == list(range(3, 10)) + [19]  # 11 -> 8 channels
     assert out["e"].tolist() == []  # an emptied group stays empty
+    assert out["s"].tolist() == [3, 9, 30, 31]  # 20 channels, under one multiple: the best removed come back to 40
     assert align_channels(groups, scores, keep, 1) is keep
 
 

@@ -138,6 +138,23 @@ class Engine:
             raise TinypruneError(f"{what}: the {self.world} ranks ended with different models (a non-deterministic "
                                  "kernel?); nothing was written")
 
+    def from_main(self, fn):
+        """fn() on rank 0 and its result on every rank: what is measured (cost tables, timed allocations) must be
+        one rank's measurement, or the ranks would remove different units. Its TinypruneError is raised on all."""
+        if self.world == 1:
+            return fn()
+        box = [None]
+        if self.main:
+            try:
+                box = [(True, fn())]
+            except TinypruneError as e:
+                box = [(False, e)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     def on_main(self, fn) -> None:
         """Run fn on rank 0 only (it touches the file system) and raise its InputError on every rank."""
         if self.world == 1:

@@ -44,9 +44,15 @@ def parse_speedups(text: str) -> list[float]:
 
 
 def parse_methods(text: str) -> list[str]:
+    from tinyprune.config import METHODS
+
     methods = list(dict.fromkeys(p.strip() for p in str(text).split(",") if p.strip()))
     if not methods:
         raise InputError("--method needs a comma-separated list, e.g. magnitude,diff-pruning,ld-pruner")
+    known = (*METHODS, "auto")
+    for m in methods:
+        if m not in known:
+            raise InputError(f"unknown --method '{m}'; known methods: {', '.join(known)}")
     return methods
 
 

@@ -116,25 +116,28 @@ def allocate(groups: list[Group], scores: dict[str, torch.Tensor], target: Targe
 
 def align_channels(groups: list[Group], scores: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
                    multiple: int) -> dict[str, torch.Tensor]:
-    """Kept units of every thinned group raised to the next count whose channels (units x width) are a multiple of
-    `multiple`, the removed units coming back most important first; an emptied group stays empty, and one whose full
-    width is no such multiple keeps at most all its units. Rounding up errs towards quality: the target is met a
-    little less, and the plan records what was removed."""
+    """Kept units of every thinned group rounded down to the count whose channels (units x width) are the next lower
+    multiple of `multiple`, the least important kept units going too, so the target stays met; a group with fewer
+    channels left than one multiple gets one multiple back (its most important removed units), an emptied group stays
+    empty and an untouched one whole."""
     if multiple <= 1:
         return keep
     out = {}
     for g in groups:
         kept = keep[g.path]
         k = len(kept)
-        if k == 0 or (k * g.width) % multiple == 0:
+        if k in (0, g.units) or (k * g.width) % multiple == 0:
             out[g.path] = kept
             continue
         step = multiple // math.gcd(multiple, g.width)  # units per multiple of channels
-        want = min(g.units, -(-k // step) * step)
+        want = (k // step) * step or min(step, g.units)
+        order = torch.argsort(scores[g.path].detach().double(), descending=True, stable=True).tolist()
         taken = set(kept.tolist())
-        back = [u for u in torch.argsort(scores[g.path].detach().double(), descending=True, stable=True).tolist()
-                if u not in taken][:want - k]
-        out[g.path] = torch.cat([kept, torch.tensor(back, dtype=kept.dtype)]).sort().values
+        if want < k:
+            chosen = [u for u in order if u in taken][:want]
+        else:
+            chosen = kept.tolist() + [u for u in order if u not in taken][:want - k]
+        out[g.path] = torch.tensor(sorted(chosen), dtype=kept.dtype)
     return out
 
 

@@ -190,7 +190,7 @@ def table_key(unet: nn.Module, cond: Cond, batch: int, runs: int, threads: int) 
     # without "_use_default_values", whose order is a set's
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     what = json.dumps([config, arch, shapes, batch, runs, threads, cpu_name(), ort.__version__,
-                       torch.__version__], sort_keys=True, default=str)
+                       torch.__version__, "no-spin"], sort_keys=True, default=str)
     return hashlib.sha256(what.encode()).hexdigest()[:20]
 
 
@@ -223,6 +223,10 @@ def _session(path: Path, threads: int, profile_prefix: Path | None = None):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # no spinning: interleaved sessions each keep a worker spinning after their call, which takes a core from the
+    # other session's next call; on a machine with any other load the dense UNet then measured 14 ms instead of 7
+    # and the ratio swung 1.2-2.2x between runs of the same allocation (benchmarks/results/speedup.md)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     if profile_prefix is not None:
         opts.enable_profiling = True

@@ -231,8 +231,8 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         unit_scores = {path: s.cpu() for path, s in unit_scores.items()}
         if scores is not None:
             scores.update(method=spec.method, info=info, scores=unit_scores)
-    costs, cost_kind, table = unit_costs(unet, groups, latency_aware=bool(st.latency_aware),
-                                         cost_model=st.cost_model or "ort", cond=cond, log=log)
+    costs, cost_kind, table = engine.from_main(lambda: unit_costs(unet, groups, latency_aware=bool(st.latency_aware),
+                                                                  cost_model=st.cost_model or "ort", cond=cond, log=log))
     macs_now = count_macs(unet, cond)
     speed = None
     if st.latency_target:
@@ -247,8 +247,11 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         return align_channels(groups, unit_scores, keep, st.channel_multiple)
 
     if target.kind == "latency":
-        keep = to_measured_speed(unet, groups, cond, table, costs, target, speed, allocation, log,
-                                 rounds_key(table, spec, groups, unit_scores))
+        def timed():
+            return to_measured_speed(unet, groups, cond, table, costs, target, speed, allocation, log,
+                                     rounds_key(table, spec, groups, unit_scores)), speed
+
+        keep, speed = engine.from_main(timed)
     else:
         keep = allocation(target)
     structure = remove_units(unet, keep, groups)
