@@ -334,6 +334,12 @@ def sweep_plot(rows: list[dict], path: str | Path, title: str | None = None) -> 
     handles = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax1.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
     ax1.set_title(title or "sparsity vs quality")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,12 +385,7 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str | None = None) ->
     axes[1].set_ylim(0.0, 1.02)
     axes[1].legend(loc="best", fontsize=8)
     fig.suptitle(title or "speed-up vs quality", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- end to end
