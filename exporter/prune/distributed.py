@@ -139,36 +139,25 @@ class Engine:
                                  "kernel?); nothing was written")
 
     def from_main(self, fn):
-        """fn() on rank 0 and its result on every rank: what is measured (cost tables, timed allocations) must be
-        one rank's measurement, or the ranks would remove different units. Its TinypruneError is raised on all."""
+        """fn() on rank 0 and its result on every rank (what is measured -- cost tables, timed allocations -- must
+        be one rank's measurement, or the ranks would remove different units); its InputError is raised on all."""
         if self.world == 1:
             return fn()
         box = [None]
         if self.main:
             try:
-                box = [(True, fn())]
-            except TinypruneError as e:
-                box = [(False, e)]
+                box = [(fn(), None)]
+            except InputError as e:
+                box = [(None, str(e))]
         torch.distributed.broadcast_object_list(box, src=0)
-        ok, value = box[0]
-        if not ok:
-            raise value
+        value, message = box[0]
+        if message is not None:
+            raise InputError(message)
         return value
 
     def on_main(self, fn) -> None:
         """Run fn on rank 0 only (it touches the file system) and raise its InputError on every rank."""
-        if self.world == 1:
-            fn()
-            return
-        message = [None]
-        if self.main:
-            try:
-                fn()
-            except InputError as e:
-                message = [str(e)]
-        torch.distributed.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            raise InputError(message[0])
+        self.from_main(fn)
 
     # ---- placement
     @contextmanager
