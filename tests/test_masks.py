@@ -28,6 +28,21 @@ def test_global_ties_still_exact():
     assert int((~masks["a"]).sum()) == 50 and int((~masks["b"]).sum()) == 0
 
 
+@pytest.mark.parametrize("sample", [1 << 22, 64])
+def test_kth_smallest_is_exact_even_when_the_sampled_bracket_misses(monkeypatch, sample):
+    """A sample of 64 strided scores from sorted layers brackets the wrong place: the bracket widens until exact."""
+    from tinyprune.prune import masks
+
+    monkeypatch.setattr(masks, "_SAMPLE", sample)
+    g = torch.Generator().manual_seed(1)
+    scores = {"sorted": torch.arange(5000.0) / 5000, "ties": torch.full((300, 10), 0.25),
+              "noise": torch.rand(40, 50, generator=g) - 0.5}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    for k in (1, 17, 2500, 4321, 6000, len(flat)):
+        value, below = masks.kth_smallest(scores, k)
+        assert value == flat.kthvalue(k).values and below == int((flat < value).sum())
+
+
 def test_layer_scope_same_sparsity_per_layer():
     scores = _scores()
     masks = unstructured(scores, 0.43, "layer")
