@@ -536,6 +536,31 @@ class ExportSpec:
     batch: Range
     latent: Range  # latent height/width
     external_data_threshold: int = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+    work: int | None = None  # latent the trace and the checks run at, when not latent.opt (work_latent)
+
+    @property
+    def work_latent(self) -> int:
+        return self.work or self.latent.opt
+
+    @property
+    def spatial_dynamic(self) -> bool:
+        """Height and width are dynamic axes: the profile spans sizes, or the trace runs at another size."""
+        return self.latent.min != self.latent.max or self.work_latent != self.latent.opt
+
+
+# A UNet call costs about params x latent^2. Past SD-1.5's UNet at latent 16 (128 px) the work done at export time
+# (the ONNX trace, the drift and image checks) runs at a smaller latent than the profile's (work_latent): at native
+# 512 px, four conditions and 20 steps, SD-1.5's checks took an hour and 11.6 GiB on a 2-core CPU, its trace with plain
+# attention 7.5 GiB; at this work a call takes about a second there. The files keep the profile's shapes.
+CHECK_WORK = 860e6 * 16 ** 2
+
+
+def work_latent(params: int, latent: int) -> int | None:
+    """The latent size (a multiple of 8, at least 8) whose UNet call costs at most CHECK_WORK, for a UNet of `params`
+    parameters checked at `latent`; None when `latent` itself is within it."""
+    if params * latent ** 2 <= CHECK_WORK:
+        return None
+    return max(8, int((CHECK_WORK / params) ** 0.5) // 8 * 8)
 
 
 def list_profiles() -> list[dict]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinyprune.config import DeviceProfile, ExportSpec
+from tinyprune.config import DeviceProfile, ExportSpec, work_latent
 from tinyprune.errors import InputError
 from tinyprune.model.families import ComponentIO
 from tinyprune.model.pipeline import Pipeline
@@ -63,7 +63,7 @@ class ComponentSpec:
         return {name: {k: list(at[k][name]) for k in at} for name in self.inputs}
 
     def dynamic_axes(self, spec: ExportSpec) -> dict[str, dict[int, str]]:
-        spatial = spec.latent.min != spec.latent.max
+        spatial = spec.spatial_dynamic
         axes = {}
         for name in self.inputs + self.outputs:
             axes[name] = {0: "batch"}
@@ -87,12 +87,13 @@ def component_spec(pipe: Pipeline, name: str) -> ComponentSpec:
 
 def component_config(pipe: Pipeline, source: str) -> dict:
     """config.json of an ONNX component's dir: the config of the model that holds its weights (what optimum's ORT
-    pipelines read beside model.onnx), as diffusers or transformers serialise it."""
+    pipelines read beside model.onnx), as diffusers or transformers serialise it, without `_name_or_path`: the
+    directory it was loaded from, a path of this machine (and of the bundle's staging dir)."""
     import json
 
     model = pipe.models()[source]
     config = getattr(model, "to_json_string", None) or model.config.to_json_string  # diffusers | transformers
-    return json.loads(config())
+    return {k: v for k, v in json.loads(config()).items() if k != "_name_or_path"}
 
 
 def export_spec(pipe: Pipeline, profile: DeviceProfile, max_opset: int) -> ExportSpec:
@@ -104,4 +105,5 @@ def export_spec(pipe: Pipeline, profile: DeviceProfile, max_opset: int) -> Expor
 
     native = pipe.latent_size
     latent = profile.latent or Range(native, native, native)
-    return ExportSpec(opset=parser_opset(profile, max_opset).opset, batch=profile.batch, latent=latent)
+    work = work_latent(sum(p.numel() for p in pipe.unet.parameters()), latent.opt)
+    return ExportSpec(opset=parser_opset(profile, max_opset).opset, batch=profile.batch, latent=latent, work=work)

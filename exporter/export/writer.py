@@ -67,7 +67,7 @@ def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path
 
 def _trace(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path: Path) -> None:
     module = comp.module(pipe).eval()
-    feed = comp.dummy_feed(spec.batch.opt, spec.latent.opt)
+    feed = comp.dummy_feed(spec.batch.opt, spec.work_latent)
     args = tuple(torch.from_numpy(feed[n]) for n in comp.inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -16,16 +16,17 @@ bundle (ONNX drift, images, runtime, quality), bench runs latency (budgets). don
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Mapping
 
 import numpy as np
 
-from tinyprune.config import DeviceProfile
+from tinyprune.config import DeviceProfile, work_latent
 from tinyprune.judge.drift import IMAGE_SEED, Drift, ImageDrift
 
 IMAGE_CHECK = "image dense vs pruned"
+LARGE_MODEL_CHECKS = (1, 8)  # conditions, sampler steps of the image checks past config.CHECK_WORK
 BUDGET_ROWS = {"unet": "unet", "generation": "generation"}  # latency budget key -> bench row measured against it
 
 
@@ -43,6 +44,8 @@ class CheckOptions:
     is_demo: bool = False  # the quality gates apply by default to the demo pipeline only
     dense_bundle: Path | None = None  # validate --dense: its runtime is checked against the dense pipeline too
     precision: str = "fp32"  # of the bundle's files; lower ones are judged on the bundle's runtime (QualityCheck)
+    image_latent: int | None = None  # set by for_pipeline; None: image_latent_size(profile)
+    scaled: str | None = None  # why for_pipeline() shrank the image checks' defaults (a notice), None if it did not
 
     @property
     def images(self) -> bool:
@@ -51,6 +54,29 @@ class CheckOptions:
     @property
     def min_image_psnr_db(self) -> float:
         return self.profile.min_image_psnr_db if self.min_psnr_db is None else self.min_psnr_db
+
+    @property
+    def latent(self) -> int | None:
+        return self.image_latent if self.image_latent is not None else image_latent_size(self.profile)
+
+    def for_pipeline(self, pipe) -> "CheckOptions":
+        """These options with the image checks' unset defaults shrunk for a UNet whose call at the latent the checks
+        would sample costs more than config.CHECK_WORK (Stable Diffusion and up); what was given stays as
+        given."""
+        if not self.images:
+            return self
+        size = self.latent or pipe.latent_size
+        params = sum(p.numel() for p in pipe.unet.parameters())
+        latent = work_latent(params, size)
+        if latent is None:
+            return self
+        conditions, steps = LARGE_MODEL_CHECKS
+        conditions = conditions if self.image_checks is None else self.image_checks
+        steps = steps if self.image_steps is None else self.image_steps
+        why = (f"image checks sample {conditions} condition(s), {steps} steps at latent {latent} "
+               f"({latent * pipe.vae_scale} px) on this {params / 1e6:.0f}M-parameter UNet, not the defaults at "
+               f"latent {size}; --image-checks and --image-steps ask for more")
+        return replace(self, image_checks=conditions, image_steps=steps, image_latent=latent, scaled=why)
 
 
 # --------------------------------------------------------------------------- the PyTorch and ONNX sides
@@ -68,24 +94,33 @@ def image_latent_size(profile: DeviceProfile) -> int | None:
 
 
 def reference_images(pipe, n: int | None = None, steps: int | None = None, size: int | None = None) -> np.ndarray:
-    """Final images for the check's seeds and labels: taken from the dense pipeline before it is pruned in place."""
-    from tinyprune.model.sampling import DEFAULT_STEPS, sample
-
-    return sample(pipe, image_conditions(pipe, n), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, size=size).numpy()
+    """Final images for the check's seeds and first n conditions (tinyprune.model.sampling.sample)."""
+    return Samples()(pipe, "", image_conditions(pipe, n), steps, size)
 
 
-def image_drift_against(ref: np.ndarray, pruned, options: CheckOptions) -> ImageDrift:
-    """Dense reference images (reference_images) against the pruned pipeline's, same seeds, conditions and noise,
-    gated on the run's image gate."""
-    got = reference_images(pruned, options.image_checks, options.image_steps, image_latent_size(options.profile))
-    return ImageDrift.of(IMAGE_CHECK, ref, got, options.min_image_psnr_db)
+class Samples:
+    """The PyTorch images a run's checks draw, each set made once per (phase, conditions, steps, latent size): the
+    image gate's pruned images are the runtime check's reference too (same seed, conditions and noise)."""
+
+    def __init__(self):
+        self._made: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, pipe, phase: str, conditions: list, steps: int | None, size: int | None) -> np.ndarray:
+        from tinyprune.model.sampling import DEFAULT_STEPS, sample
+
+        steps = steps or DEFAULT_STEPS
+        key = (phase, tuple(repr(c) for c in conditions), steps, size)
+        if key not in self._made:
+            self._made[key] = sample(pipe, list(conditions), seed=IMAGE_SEED, steps=steps, size=size).numpy()
+        return self._made[key]
 
 
 @dataclass(frozen=True)
 class TorchReference:
-    """PyTorch's outputs for one component's drift feed at one batch size."""
+    """PyTorch's outputs for one component's drift feed at one batch size. Plain data: no reference back to the
+    pipeline, which the export releases while these wait for the ONNX files."""
 
-    comp: object  # export.specs.ComponentSpec
+    component: str
     batch: int
     feed: Mapping[str, np.ndarray]
     outputs: Mapping[str, np.ndarray]
@@ -106,8 +141,8 @@ def torch_references(pipe, spec, profile: DeviceProfile) -> list[TorchReference]
     for comp in component_specs(pipe):
         with TorchRunner(comp.module(pipe), comp.inputs, comp.outputs) as torch_runner:
             for batch in sorted({spec.batch.opt, spec.batch.min}):
-                feed = comp.dummy_feed(batch, spec.latent.opt, seed=1)
-                refs.append(TorchReference(comp, batch, feed, torch_runner(feed), comp.tolerance(profile)))
+                feed = comp.dummy_feed(batch, spec.work_latent, seed=1)
+                refs.append(TorchReference(comp.name, batch, feed, torch_runner(feed), comp.tolerance(profile)))
     return refs
 
 
@@ -116,14 +151,12 @@ def ort_drift(refs: list[TorchReference], bundle_dir: Path) -> list[Drift]:
     from tinyprune.runtime.runners import OrtRunner
 
     drifts = []
-    for name in dict.fromkeys(r.comp.name for r in refs):  # components in reference order, one session each
-        mine = [r for r in refs if r.comp.name == name]
-        comp = mine[0].comp
-        with OrtRunner(Path(bundle_dir) / comp.name / "model.onnx") as ort_runner:
-            for r in mine:
+    for name in dict.fromkeys(r.component for r in refs):  # components in reference order, one session each
+        with OrtRunner(Path(bundle_dir) / name / "model.onnx") as ort_runner:
+            for r in (r for r in refs if r.component == name):
                 got = ort_runner(r.feed)
-                drifts += [Drift.of(f"{comp.name}.{out} (batch {r.batch})", r.outputs[out], got[out], r.tolerance)
-                           for out in comp.outputs]
+                drifts += [Drift.of(f"{name}.{out} (batch {r.batch})", expected, got[out], r.tolerance)
+                           for out, expected in r.outputs.items()]
     return drifts
 
 
@@ -135,8 +168,9 @@ class Check:
     key = ""  # its entry in the run's result (report.json, --json)
     phases: tuple[str, ...] = ()
 
-    def __init__(self, options: CheckOptions, stage, log):
+    def __init__(self, options: CheckOptions, stage, log, samples: Samples | None = None):
         self.options, self.stage, self.log = options, stage, log
+        self.samples = samples or Samples()  # shared by a run's checks
 
     def dense(self, pipe) -> None:
         pass
@@ -190,7 +224,8 @@ class ImageDriftCheck(Check):
         o, self.ref = self.options, None
         if o.images:
             with self.stage("dense reference images"):
-                self.ref = reference_images(pipe, o.image_checks, o.image_steps, image_latent_size(o.profile))
+                self.ref = self.samples(pipe, "dense", image_conditions(pipe, o.image_checks), o.image_steps,
+                                        o.latent)
 
     def pruned(self, pipe):
         o = self.options
@@ -198,7 +233,8 @@ class ImageDriftCheck(Check):
             self.drift = ImageDrift.skip(IMAGE_CHECK, o.min_image_psnr_db, "--image-checks 0")
             return
         with self.stage("validate dense vs pruned images"):
-            self.drift = image_drift_against(self.ref, pipe, o)
+            got = self.samples(pipe, "pruned", image_conditions(pipe, o.image_checks), o.image_steps, o.latent)
+            self.drift = ImageDrift.of(IMAGE_CHECK, self.ref, got, o.min_image_psnr_db)
         self.ref = None
 
     def results(self):
@@ -219,8 +255,9 @@ class RuntimeDriftCheck(Check):
 
         if not self.options.images:
             return None
+        o = self.options
         with self.stage(f"{what} runtime reference images"):
-            return torch_e2e_reference(pipe, self.options.image_steps, self.options.image_checks)
+            return torch_e2e_reference(pipe, o.image_steps, o.image_checks, o.latent, self.samples, what)
 
     def dense(self, pipe):
         self.dense_ref = self._reference(pipe, "dense") if self.options.dense_bundle is not None else None
@@ -378,7 +415,8 @@ class Checks:
     def __init__(self, options: CheckOptions, log: Callable[[str], None] = lambda msg: None,
                  stage: Callable[[str], ContextManager] | None = None):
         stage = stage or (lambda name: _logged(log, name))
-        self.checks = tuple(cls(options, stage, log) for cls in CHECKS)
+        samples = Samples()
+        self.checks = tuple(cls(options, stage, log, samples) for cls in CHECKS)
         self._phases: list[str] = []
 
     def _feed(self, phase: str, arg) -> None:

@@ -21,6 +21,7 @@ class RuntimeReference:
 
     conditions: list
     images: np.ndarray
+    latent: int | None = None  # the latent size they were sampled at; None: native
 
 
 def runtime_check(bundle_dir: Path, ref: RuntimeReference | None, profile, what: str, steps: int | None = None):
@@ -41,12 +42,15 @@ def e2e_labels(pipe, n: int | None = None) -> list:
     return pipe.family.check_conditions(E2E_LABELS if n is None else min(n, E2E_LABELS))
 
 
-def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None) -> RuntimeReference:
-    """The PyTorch pipeline's images for the runtime check (tinyprune.model.sampling.sample, DDIM, seed IMAGE_SEED)."""
-    from tinyprune.model.sampling import DEFAULT_STEPS, sample
+def torch_e2e_reference(pipe, steps: int | None = None, n: int | None = None, latent: int | None = None,
+                        samples=None, phase: str = "") -> RuntimeReference:
+    """The PyTorch pipeline's images for the runtime check (tinyprune.model.sampling.sample, DDIM, seed IMAGE_SEED)
+    at latent size `latent` (None: native); `samples`: a run's judge.checks.Samples, whose images of the same
+    `phase` pipeline it reuses."""
+    from tinyprune.judge.checks import Samples
 
     conditions = e2e_labels(pipe, n)
-    return RuntimeReference(conditions, sample(pipe, conditions, seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS).numpy())
+    return RuntimeReference(conditions, (samples or Samples())(pipe, phase, conditions, steps, latent), latent)
 
 
 def runtime_drift(bundle_dir: Path, ref: RuntimeReference, profile, what: str, steps: int | None = None,
@@ -62,5 +66,5 @@ def runtime_drift(bundle_dir: Path, ref: RuntimeReference, profile, what: str, s
         rt.max_batch = min(rt.max_batch or RUNTIME_CHECK_BATCH, RUNTIME_CHECK_BATCH)
         guidance = DEFAULT_GUIDANCE if rt.conditioning.guided else None
         got = rt.generate(list(ref.conditions), seed=IMAGE_SEED, steps=steps or DEFAULT_STEPS, scheduler="ddim",
-                          guidance=guidance)
+                          guidance=guidance, size=ref.latent)
     return ImageDrift.of(f"image runtime ({backend}) vs PyTorch, {what}", ref.images, got, profile.min_runtime_psnr_db)

@@ -16,12 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinyprune.config import work_latent
 from tinyprune.errors import InputError
 from tinyprune.model.families import Cond, move_cond
 from tinyprune.model.pipeline import Pipeline
 from tinyprune.model.sampling import sample_latents
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Data-free samples by default past config.CHECK_WORK: each is 20 guided UNet calls, and a 2:4 ranking reads
+# every calibration latent once per eligible layer (SD-1.5: about 220 layers)
+LARGE_MODEL_CALIBRATION = 8
 
 
 @dataclass(frozen=True)
@@ -58,18 +62,18 @@ class CalibrationSet:
             edges = torch.linspace(0, n_train, b + 1)
             t = (edges[:-1] + torch.rand(b, generator=g) * (edges[1:] - edges[:-1])).long().clamp_max(n_train - 1)
             noise = torch.randn(x0.shape, generator=g)
-            with torch.no_grad():
-                cond = pipe.family.condition(self.conditions[start:start + b])
+            with torch.no_grad():  # at the latents' size (SDXL's time_ids say it)
+                cond = pipe.family.condition(self.conditions[start:start + b], x0.shape[-1])
             out.append(Batch(sched.add_noise(x0, noise, t), t, cond, noise, x0))
         return out
 
 
 def from_samples(pipe: Pipeline, conditions: list | None = None, seed: int = 0, steps: int = 20,
-                 n: int | None = None) -> CalibrationSet:
+                 n: int | None = None, size: int | None = None) -> CalibrationSet:
     """Data-free: the dense model's own samples, one per condition (default: `n` of the family's calibration
-    conditions, or its default set)."""
+    conditions, or its default set), at latent size `size` (None: native)."""
     conditions = pipe.family.calibration_conditions(n) if conditions is None else list(conditions)
-    latents = torch.cat([sample_latents(pipe, conditions[i:i + 20], seed=seed + i, steps=steps)
+    latents = torch.cat([sample_latents(pipe, conditions[i:i + 20], seed=seed + i, steps=steps, size=size)
                          for i in range(0, len(conditions), 20)])
     return CalibrationSet(latents, conditions, "samples")
 
@@ -96,9 +100,10 @@ def captions(folder: Path) -> dict[Path, str]:
     return out
 
 
-def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> CalibrationSet:
+def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256, size: int | None = None) -> CalibrationSet:
     """Images of a folder through the VAE encoder, each with the family's condition for it: its caption (text
-    families; metadata.jsonl or a same-stem .txt, "" when it has none), nothing (unconditional families)."""
+    families; metadata.jsonl or a same-stem .txt, "" when it has none), nothing (unconditional families). Resized
+    to the model's image size, or to latent size `size`'s."""
     from PIL import Image
 
     folder = Path(folder)
@@ -107,7 +112,7 @@ def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> Calibra
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not paths:
         raise InputError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    size, family, texts = pipe.image_size, pipe.family, captions(folder)
+    size, family, texts = (size * pipe.vae_scale if size else pipe.image_size), pipe.family, captions(folder)
     images, conditions = [], []
     for p in paths:
         try:
@@ -122,10 +127,20 @@ def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256) -> Calibra
     return CalibrationSet(latents, conditions, f"images:{folder.name}")
 
 
+def calibration_latent(pipe: Pipeline) -> int | None:
+    """The latent size calibration works at: config.work_latent's for a UNet past CHECK_WORK at its native
+    size (SD-1.5: 16), None (native) for the others."""
+    return work_latent(sum(p.numel() for p in pipe.unet.parameters()), pipe.latent_size)
+
+
 def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,
                         batch_size: int = 16, samples: int | None = None) -> list[Batch]:
     """The batches pruning reads: from an image folder when given (at most `samples` images, default 256), else
-    data-free from the dense model (`samples` of its own samples; default: the family's calibration set)."""
-    cal = (from_images(pipe, folder, **({"limit": samples} if samples else {})) if folder is not None
-           else from_samples(pipe, seed=seed, n=samples))
+    data-free from the dense model (`samples` of its own samples; default: the family's calibration set, or
+    LARGE_MODEL_CALIBRATION past CHECK_WORK). Large UNets calibrate at calibration_latent()."""
+    size = calibration_latent(pipe)
+    if folder is not None:
+        cal = from_images(pipe, folder, size=size, **({"limit": samples} if samples else {}))
+    else:
+        cal = from_samples(pipe, seed=seed, n=samples or (LARGE_MODEL_CALIBRATION if size else None), size=size)
     return cal.batches(pipe, batch_size=batch_size, seed=seed)

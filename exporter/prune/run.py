@@ -83,8 +83,11 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
 
         with engine.hosting(pipe.unet), engine.autocast():  # the dense model's samples, on the engine's device
             batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples)
+        size = batches[0].x_t.shape[-1]
         log(f"calibration: {sum(len(b.t) for b in batches)} latents in {len(batches)} batches "
-            f"({'images from ' + spec.calibration if spec.calibration else 'data-free: the dense model samples'})")
+            f"({'images from ' + spec.calibration if spec.calibration else 'data-free: the dense model samples'})"
+            + ("" if size == pipe.latent_size else f" at latent {size}, not the native {pipe.latent_size}: a UNet "
+               "this large calibrates smaller"))
     if batches is not None:
         batches = [b.to(engine.device) for b in batches]
     if spec.pattern == "channel":  # structured: channels and heads physically removed (prune/structured/)

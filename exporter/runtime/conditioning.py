@@ -55,10 +55,11 @@ class Conditioning:
         """n conditions that give images of this bundle (bench's generations, the export's checks)."""
         return [None] * n
 
-    def cond(self, conditions: list, guidance: float) -> dict[str, np.ndarray]:
+    def cond(self, conditions: list, guidance: float, size_scale: float = 1.0) -> dict[str, np.ndarray]:
+        """The UNet's conditioning inputs; size_scale: image size / native (SDXL's time_ids say the size)."""
         return {}
 
-    def uncond(self, batch: int) -> dict[str, np.ndarray] | None:
+    def uncond(self, batch: int, size_scale: float = 1.0) -> dict[str, np.ndarray] | None:
         return None
 
     def describe(self, condition) -> str:
@@ -117,29 +118,30 @@ class Prompts(Conditioning):
         context = contexts[0] if len(contexts) == 1 else np.concatenate(contexts, axis=-1)
         return context.astype(np.float32), pooled
 
-    def _feeds(self, context: np.ndarray, pooled: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _feeds(self, context: np.ndarray, pooled: np.ndarray | None, size_scale: float) -> dict[str, np.ndarray]:
         feed = {"encoder_hidden_states": context}
         if pooled is not None:
             feed["text_embeds"] = pooled.astype(np.float32)
-        if self.time_ids is not None:
-            feed["time_ids"] = np.tile(np.asarray(self.time_ids, dtype=np.float32), (len(context), 1))
+        if self.time_ids is not None:  # (original size, crop top-left, target size): no crop, so all scale alike
+            time_ids = np.asarray(self.time_ids, dtype=np.float32) * np.float32(size_scale)
+            feed["time_ids"] = np.tile(time_ids, (len(context), 1))
         return feed
 
-    def cond(self, conditions: list, guidance: float) -> dict[str, np.ndarray]:
-        feed = self._feeds(*self._encode(conditions))
+    def cond(self, conditions: list, guidance: float, size_scale: float = 1.0) -> dict[str, np.ndarray]:
+        feed = self._feeds(*self._encode(conditions), size_scale)
         if self.timestep_cond_dim:
             w = np.full((len(conditions),), guidance - 1, dtype=np.float32)
             feed["timestep_cond"] = guidance_embedding(w, self.timestep_cond_dim)
         return feed
 
-    def uncond(self, batch: int) -> dict[str, np.ndarray] | None:
+    def uncond(self, batch: int, size_scale: float = 1.0) -> dict[str, np.ndarray] | None:
         if not self.guided:
             return None
         context, pooled = self._encode([""])
         if self.zeros_uncond:
             context = np.zeros_like(context)
             pooled = None if pooled is None else np.zeros_like(pooled)
-        feed = self._feeds(context, pooled)
+        feed = self._feeds(context, pooled, size_scale)
         return {k: np.repeat(v, batch, axis=0) for k, v in feed.items()}
 
     def describe(self, condition) -> str:

@@ -173,14 +173,16 @@ class Runtime:
         return self.conditioning.check([c for c in base for _ in range(num_images)])
 
     def denoise(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
-                guidance: float | None = None, callback=None) -> np.ndarray:
-        """The final scaled latents [B, C, h, w]. callback(done, total) after every UNet step."""
+                guidance: float | None = None, callback=None, size: int | None = None) -> np.ndarray:
+        """The final scaled latents [B, C, h, w]. callback(done, total) after every UNet step. size: the latent
+        size (None: the model's native one; the files' dynamic axes take others)."""
         cond_of = self.conditioning
         conditions = cond_of.check(conditions)
         guidance = cond_of.default_guidance if guidance is None else guidance
         sched = make_scheduler(self.scheduler_config, scheduler)
         timesteps = sched.set_timesteps(steps)
-        c, size = self.shapes["latent_channels"], self.shapes["latent_size"]
+        c, native = self.shapes["latent_channels"], self.shapes["latent_size"]
+        size = size or native
         rng = np.random.default_rng(seed)  # its first draw is initial_noise(seed, ...); scheduler noise follows
         noise = rng.standard_normal((len(conditions), c, size, size)).astype(np.float32)
         pairs = 2 if cond_of.guided else 1
@@ -190,8 +192,8 @@ class Runtime:
         for lo in range(0, len(conditions), chunk):
             part = conditions[lo:lo + chunk]
             latents = noise[lo:lo + chunk] * np.float32(sched.init_noise_sigma)
-            feeds = cond_of.cond(part, guidance)
-            uncond = cond_of.uncond(len(part)) if cond_of.guided else None
+            feeds = cond_of.cond(part, guidance, size / native)
+            uncond = cond_of.uncond(len(part), size / native) if cond_of.guided else None
             if uncond is not None:
                 feeds = {k: np.concatenate([uncond[k], feeds[k]]) for k in feeds}
             n = pairs * len(part)
@@ -223,8 +225,8 @@ class Runtime:
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1)
 
     def generate(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
-                 guidance: float | None = None, callback=None) -> np.ndarray:
-        return self.decode(self.denoise(conditions, seed, steps, scheduler, guidance, callback))
+                 guidance: float | None = None, callback=None, size: int | None = None) -> np.ndarray:
+        return self.decode(self.denoise(conditions, seed, steps, scheduler, guidance, callback, size))
 
 
 def save_pngs(images: np.ndarray, names: list[str], seed: int, out: Path) -> list[str]:

@@ -200,9 +200,13 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
     def checks(profile, stage, pipe):  # after load: auto needs the UNet's size; the gates follow the precision
         choice = chosen["choice"] = precisions.resolve(precision, profile,
                                                        sum(p.numel() for p in pipe.unet.parameters()))
-        return Checks(CheckOptions(profile.for_precision(choice.precision), min_psnr_db, image_checks, image_steps,
-                                   quality, max_fd_ratio, min_accuracy, is_demo=model is None,
-                                   precision=choice.precision), log=log, stage=stage)
+        options = CheckOptions(profile.for_precision(choice.precision), min_psnr_db, image_checks, image_steps,
+                               quality, max_fd_ratio, min_accuracy, is_demo=model is None,
+                               precision=choice.precision).for_pipeline(pipe)
+        if options.scaled:
+            log(f"notice: {options.scaled}")
+        chosen["scaled"] = options.scaled
+        return Checks(options, log=log, stage=stage)
 
     run, pruned = _load_and_prune(model, sparsity, target, method, pattern, scope, prune_vae, out, force, log,
                                   checks=checks, tuning=tuning)
@@ -210,7 +214,7 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
     choice = chosen["choice"]
     run.checks.pruned(pruned)  # PyTorch's side of every check, while the pipeline is loaded
     xspec = export_spec(pruned, profile, MAX_EXPORT_OPSET)
-    notices = run.notices + ((choice.notice,) if choice.notice else ())
+    notices = run.notices + tuple(n for n in (chosen["scaled"], choice.notice) if n)
     if choice.notice:
         log(f"notice: {choice.notice}")
     lowered = parser_opset(profile, MAX_EXPORT_OPSET)
@@ -227,13 +231,19 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
         log(f"notice: {notices[-1]}")
     meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
             "source_sha256": run.source_sha}
-    specs = component_specs(pruned)
     calibration_conditions = pruned.family.calibration_conditions()[:precisions.CALIBRATION_CONDITIONS]
     with staged(out, force) as tmp:
         with stage("save pruned pipeline"):
             _save_pruned(pruned, plan, tmp / "pruned")
             for name in ("scheduler", *pruned.family.tokenizers()):  # beside the ONNX files, as the pipeline has them
                 shutil.copytree(tmp / "pruned" / name, tmp / name)
+        # From here on the pipeline is the one just saved, mapped from pruned/ and loaded again for each component:
+        # only the weights of the component being exported become resident, not the whole pipeline's beside it
+        # (SD-1.5: the text encoder exported beside the whole pipeline peaked at 1.86x the UNet's weights).
+        del pruned
+        gc.collect()
+        saved = load_pipeline(tmp / "pruned")  # its weights stay unread: configs, scheduler, tokenizers
+        specs = component_specs(saved)  # the family's closures hold their pipeline: not the released one's
         components = {}
         for comp in specs:
             pruned_comp = plan.components.get(comp.source)
@@ -241,29 +251,29 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
                 # a component the plan did not prune (the VAE by default) carries no pattern claim: verify
                 # rejects "2:4" on a file without a single 2:4 tensor
                 pattern = spec.pattern if pruned_comp is not None else "none"
-                export_component(pruned, comp, xspec, tmp / comp.name / "model.onnx",
-                                           dict(meta, pattern=pattern,
-                                                params_dense=pruned_comp.dense_params() if pruned_comp else None))
+                export_component(load_pipeline(tmp / "pruned"), comp, xspec, tmp / comp.name / "model.onnx",
+                                 dict(meta, pattern=pattern,
+                                      params_dense=pruned_comp.dense_params() if pruned_comp else None))
             refused = unparseable(tmp / comp.name / "model.onnx", profile, file=f"{comp.name}/model.onnx")
             if refused:  # one line, exit 2; staged() removes the half bundle and leaves --out as it was
                 more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
                 raise InputError(f"{refused[0]}{more}; nothing was written to {out}")
-            write_json(tmp / comp.name / "config.json", component_config(pruned, comp.source))
+            write_json(tmp / comp.name / "config.json", component_config(saved, comp.source))
             components[comp.name] = {
                 "file": f"{comp.name}/model.onnx",
                 "pattern": pattern,
                 "inputs": comp.trt_shapes(xspec),
                 "outputs": list(comp.outputs),
             }
-        index = pruned.family.onnx_index()
+        index = saved.family.onnx_index()
         if index is not None:  # what diffusers' and optimum's ONNX pipelines load the bundle by
             write_json(tmp / "model_index.json", index)
         with stage("runtime files"):  # runtime/ for the torch-free loop
-            write_runtime_dir(pruned, tmp)
-        del pruned  # the last reference to the PyTorch weights: onnxruntime's copy must not sit beside them
+            write_runtime_dir(saved, tmp)
+        del saved  # the last mapping of the PyTorch weights: onnxruntime's copy must not sit beside them
         gc.collect()
         with stage("precision"):
-            converted = precisions.apply(tmp, choice.precision, specs, profile, xspec.latent.opt,
+            converted = precisions.apply(tmp, choice.precision, specs, profile, xspec.work_latent,
                                          calibration_conditions, xspec.external_data_threshold, log=log)
         for name, comp in components.items():  # from the files as they now are (int8 renames the weights)
             claims = read_metadata(load_onnx(tmp / comp["file"], load_data=False))

@@ -60,11 +60,14 @@ def validate_bundle(bundle: Path, model: str | None = None, min_psnr_db: float |
     if dense is not None:
         dense = check_dense_bundle(dense, manifest)
     precision = manifest.get("precision", "fp32")  # bundles before precisions were fp32
-    checks = Checks(CheckOptions(profile.for_precision(precision), min_psnr_db, image_checks, image_steps, quality,
-                                 max_fd_ratio, min_accuracy, is_demo=manifest["source"]["model"] == "demo",
-                                 dense_bundle=dense, precision=precision), log=log)
     # One pipeline in memory at a time: the dense one, then the pruned one, then ONNX sessions.
     dense_pipe = load_pipeline(model_dir)
+    options = CheckOptions(profile.for_precision(precision), min_psnr_db, image_checks, image_steps, quality,
+                           max_fd_ratio, min_accuracy, is_demo=manifest["source"]["model"] == "demo",
+                           dense_bundle=dense, precision=precision).for_pipeline(dense_pipe)
+    if options.scaled:
+        log(f"notice: {options.scaled}")
+    checks = Checks(options, log=log)
     checks.dense(dense_pipe)
     del dense_pipe
     log("loading the pruned pipeline")
