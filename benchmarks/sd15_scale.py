@@ -1,26 +1,32 @@
-"""Stable-Diffusion-1.5-sized pipeline through tinyprune, with peak RSS and time per stage, beside optimum.
+"""Stable-Diffusion-1.5- and SDXL-sized pipelines through tinyprune's default commands, with peak RSS and time per
+stage, beside optimum's exporter on the same pipeline.
 
-    .venv/bin/python benchmarks/sd15_scale.py [--work DIR] [--optimum-python VENV/bin/python]
+    .venv/bin/python benchmarks/sd15_scale.py [--work DIR] [--optimum-python VENV/bin/python] [--only a,b,...]
 
 What runs (each in its own subprocess, one after the other):
-  make        a UNet2DConditionModel with SD 1.5's configuration and an AutoencoderKL with SD's VAE
-              configuration and a CLIPTextModel with SD's text encoder configuration, random weights made
-              here (no download), a CLIPTokenizer over bytes (the tests'), saved as a pipeline dir (save_pipeline)
-  export      `tinyprune export --sparsity 0.43` (magnitude, unstructured) with benchmarks/sd15_profile.toml:
-              load, dense reference images, prune in place, pruned images, save, ONNX export of UNet
-              (external data) and VAE encoder/decoder, PyTorch references, onnxruntime drift, bundle
-  2:4         the same UNet, magnitude 2:4 through tinyprune.prune.run with the data-free layer ranking
-              (batches=[]: see the note printed at the end), save, ONNX export of the UNet
-  verify      `tinyprune verify` of the export's bundle (checksums + every metadata claim, streamed)
-  images      the image stages alone, after the fixes the first export run led to (see results/sd15_scale.md)
-  optimum     the same dense UNet through optimum's ONNX exporter (optimum.exporters.onnx.export with
-              its UNetOnnxConfig), in its own venv (optimum-onnx pins transformers<4.58)
+  make         StableDiffusionPipeline parts with SD 1.5's configurations (UNet2DConditionModel, AutoencoderKL,
+               CLIPTextModel ViT-L), random weights made here (no download), a CLIPTokenizer over bytes (the
+               tests'), saved as a pipeline dir
+  default      `tinyprune export --model DIR` with nothing else: magnitude 0.43, target jetson, every default gate
+               (ONNX drift, dense-vs-pruned images, runtime-vs-PyTorch images; a UNet this large runs them at a
+               smaller latent, export.specs.work_latent)
+  optimum      `optimum-cli export onnx --model DIR --task text-to-image` in its own venv (optimum-onnx pins
+               transformers < 4.58): text encoder, UNet, VAE encoder and decoder, each validated against PyTorch
+               (its default). The venv gets a twin of DIR first (_optimum_dir): transformers 4.x reads neither
+               transformers 5's CLIP keys nor its tokenizer.json-only tokenizer dir
+  two_four     `tinyprune export --model DIR --pattern 2:4`: layers ranked by measured sensitivity on
+               calibration latents made at the work latent
+  verify       `tinyprune verify` of the default bundle (checksums + every metadata claim, streamed)
+  make_sdxl    StableDiffusionXLPipeline parts with SDXL base 1.0's configurations (UNet 2.57B, CLIP ViT-L and
+               OpenCLIP bigG text encoders, SDXL's VAE), random weights, save_pretrained
+  sdxl         `tinyprune export --model SDXL_DIR --target jetson-agx-orin`, default gates
 
 How memory is measured, per stage: the kernel's peak RSS of the process (VmHWM from /proc/self/status),
-reset at the start of each stage by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and read at its end;
-per subprocess: ru_maxrss from wait4, which after such resets only reflects the last stage's peak, so the
-"whole process" row takes the max of it and every stage's peak. RSS counts resident file-backed pages too
-(weights are mmapped from safetensors at load and become resident as they are touched).
+reset at the start of each stage by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and read at its end (the
+export's report/timings.json, its --json output); per subprocess: ru_maxrss from wait4, which after such resets
+only reflects the last stage's peak, so the "whole process" row takes the max of it and every stage's peak. RSS
+counts resident file-backed pages too (weights are mmapped from safetensors at load and become resident as they
+are touched). optimum's process resets nothing: its ru_maxrss is its peak.
 """
 
 from __future__ import annotations
@@ -35,11 +41,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROFILE = HERE / "sd15_profile.toml"
 GOAL = 1.5  # peak RSS at most 1.5x the fp32 UNet weights
 
-sys.path.insert(0, str(ROOT))  # also in the optimum venv, which has no tinyprune installed
-from tinyprune.runtime.measure import peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402  (stdlib only)
+def _measure():
+    """tinyprune's runtime/measure.py (stdlib and numpy only) by path: the optimum venv has no tinyprune."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tinyprune_measure", ROOT / "exporter" / "runtime" / "measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+peak_rss_mb, release_free_memory, reset_peak_rss = (getattr(_measure(), n) for n in
+                                                    ("peak_rss_mb", "release_free_memory", "reset_peak_rss"))
 
 UNET_CONFIG = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json, values typed out here
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -110,75 +125,66 @@ def cmd_make(pipe_dir: str) -> dict:
             "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
 
 
-def cmd_two_four(pipe_dir: str, out_dir: str) -> dict:
-    from tinyprune import __version__
-    from tinyprune.export.specs import component_spec, export_spec
-    from tinyprune.config import PruneSpec, load_profile
-    from tinyprune.export.writer import MAX_EXPORT_OPSET, export_component
-    from tinyprune.model.pipeline import load_pipeline, save_pipeline
-    from tinyprune.prune.run import prune
-
-    st = _Stages()
-    profile = load_profile(str(PROFILE))
-    spec, _ = PruneSpec.resolve("magnitude", 0.43, "2:4", "global", False, profile)
-    out = Path(out_dir)
-    with st("load"):
-        pipe = load_pipeline(pipe_dir)
-    with st("prune 2:4 (data-free ranking)"):
-        plan = prune(pipe, spec, batches=[]).to_dict()
-    with st("save pruned pipeline"):
-        save_pipeline(pipe, out / "pruned")
-    xspec = export_spec(pipe, profile, MAX_EXPORT_OPSET)
-    meta = {"version": __version__, "method": spec.method, "pattern": spec.pattern, "profile": profile.name,
-            "source_sha256": "benchmark"}
-    with st("export unet"):
-        stamped = export_component(pipe, component_spec(pipe, "unet"), xspec, out / "unet" / "model.onnx", meta)
-    tensors = json.loads(stamped["tinyprune.tensors"])
-    return {"sparsity": plan["components"]["unet"]["sparsity"],
-            "tensors_2to4": sum(t["pattern"] == "2:4" for t in tensors.values()),
-            "onnx_sparsity": float(stamped["tinyprune.sparsity"]),
-            "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, values typed out here
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, center_input_sample=False,
+)
+SDXL_TEXT_2 = dict(  # its text_encoder_2/config.json (OpenCLIP bigG), with projection
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, max_position_embeddings=77,
+    vocab_size=49408, hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
 
 
-def cmd_images(pipe_dir: str) -> dict:
-    """The image stages alone: the dense-vs-pruned gate at the profile's opt latent (what export does now) and
-    PyTorch images at the native 64x64 latent / 512 px with the fused attention (the runtime reference)."""
-    from tinyprune.config import load_profile
-    from tinyprune.model.pipeline import load_pipeline
-    from tinyprune.judge.checks import image_latent_size, reference_images
-
-    st = _Stages()
-    profile = load_profile(str(PROFILE))
-    with st("load"):
-        pipe = load_pipeline(pipe_dir)
-    with st(f"image gate, 1 label, 2 steps, latent {image_latent_size(profile)}"):
-        reference_images(pipe, 1, 2, image_latent_size(profile))
-    with st("PyTorch images, 1 label, 2 steps, native latent 64 (512 px), fused attention"):
-        reference_images(pipe, 1, 2, None)
-    return {"seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
-
-
-def cmd_optimum(pipe_dir: str, out_dir: str) -> dict:
-    """Runs in the optimum venv: optimum's own exporter on the bare UNet (see main() for why not main_export)."""
+def cmd_make_sdxl(pipe_dir: str) -> dict:
+    import diffusers as d
     import torch
-    from diffusers import UNet2DConditionModel
-    from optimum.exporters.onnx import export
-    from optimum.exporters.onnx.model_configs import UNetOnnxConfig
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pipelines import tokenizer
 
     st = _Stages()
-    with st("load unet"):
-        unet = UNet2DConditionModel.from_pretrained(Path(pipe_dir) / "unet", use_safetensors=True).eval()
-    # what optimum's main_export builds for a diffusers pipeline's unet (get_diffusion_models_for_export)
-    config = UNetOnnxConfig(unet.config, task="semantic-segmentation", int_dtype="int64", float_dtype="fp32")
-    out = Path(out_dir) / "unet" / "model.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with st("export unet (optimum)"), torch.no_grad():
-        export(model=unet, config=config, output=out, opset=17)
-    from importlib.metadata import version
+    with st("build random SDXL UNet + VAE + two text encoders"):
+        torch.manual_seed(0)
+        tok = tokenizer(Path(pipe_dir).parent / "sdxl-vocab")
+        pipe = d.StableDiffusionXLPipeline(
+            unet=d.UNet2DConditionModel(**SDXL_UNET), vae=d.AutoencoderKL(**dict(VAE_CONFIG, scaling_factor=0.13025,
+                                                                              sample_size=1024, force_upcast=True)),
+            scheduler=d.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               steps_offset=1, timestep_spacing="leading"),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)), tokenizer=tok, tokenizer_2=tok)
+    with st("save_pretrained"):
+        pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    n_unet = sum(p.numel() for p in pipe.unet.parameters())
+    return {"unet_params": n_unet, "unet_fp32_bytes": 4 * n_unet, "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
 
-    files = {p.name: p.stat().st_size for p in out.parent.iterdir()}
-    return {"optimum_onnx": version("optimum-onnx"), "optimum": version("optimum"), "torch": torch.__version__,
-            "files": len(files), "bytes": sum(files.values()), "seconds": st.seconds, "peak_rss_mb": st.peak_rss_mb}
+
+def cmd_optimum_dir(pipe_dir: str, out_dir: str) -> dict:
+    """Runs in the optimum venv: the pipeline dir as transformers 4.x loads it, for optimum-cli. The UNet, VAE and
+    scheduler are linked; the text encoder (transformers 5 saves CLIP's keys without the "text_model." prefix) and
+    the tokenizer (transformers 5 writes tokenizer.json only, 4.x's CLIPTokenizer reads vocab.json + merges.txt)
+    are written again by this venv's transformers, weights and vocabulary unchanged."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    src, out = Path(pipe_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "scheduler", "model_index.json"):
+        if not (out / name).exists():
+            (out / name).symlink_to(src / name)
+    encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    state = load_file(str(src / "text_encoder" / "model.safetensors"))
+    missing, unexpected = encoder.load_state_dict({f"text_model.{k}": v for k, v in state.items()}, strict=False)
+    encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    vocab = src.parent / "sd15-vocab"
+    CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77).save_pretrained(
+        out / "tokenizer")
+    return {"missing_keys": len(missing), "unexpected_keys": len(unexpected)}
 
 
 # ---------------------------------------------------------------- the driver
@@ -203,14 +209,20 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     return entry
 
 
-def _table(results: dict) -> str:
-    weights = results["make"]["result"]["unet_fp32_bytes"] / 1024**2
+SD15_RUNS = ("make", "default", "optimum", "two_four", "verify")
+SDXL_RUNS = ("make_sdxl", "sdxl")
+
+
+def _table(results: dict, runs: tuple[str, ...]) -> str:
+    """One row per stage and one per process of `runs`, against the fp32 UNet weights of runs[0] (its make)."""
+    made = results[runs[0]]["result"]
+    weights = made["unet_fp32_bytes"] / 1024**2
     goal = GOAL * weights
-    lines = [f"fp32 UNet weights {weights / 1024:.2f} GiB ({results['make']['result']['unet_params'] / 1e6:.1f} M params), "
-             f"VAE {results['make']['result']['vae_fp32_bytes'] / 1024**3:.2f} GiB; goal: peak RSS <= {GOAL}x UNet "
-             f"weights = {goal / 1024:.2f} GiB", "",
+    lines = [f"fp32 UNet weights {weights / 1024:.2f} GiB ({made['unet_params'] / 1e6:.1f} M params); goal: peak RSS "
+             f"<= {GOAL}x UNet weights = {goal / 1024:.2f} GiB ({goal * 1024**2 / 1e9:.2f} GB)", "",
              "| run | stage | seconds | peak RSS GiB | x UNet weights | within goal |", "|---|---|---|---|---|---|"]
-    for run, entry in results.items():
+    for run in runs:
+        entry = results.get(run)
         if not isinstance(entry, dict) or "max_rss_mb" not in entry:
             continue
         res = entry.get("result") or {}
@@ -231,10 +243,10 @@ def _table(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="sd15-work", help="work dir (needs ~25 GB of disk)")
+    ap.add_argument("--work", default="sd15-work", help="work dir (needs ~50 GB of disk with SDXL)")
     ap.add_argument("--optimum-python", default=None,
                     help="python of a venv with optimum-onnx + diffusers (none: optimum is skipped)")
-    ap.add_argument("--only", default="make,export,two_four,verify,images,optimum", help="comma-separated runs")
+    ap.add_argument("--only", default=",".join(SD15_RUNS + SDXL_RUNS), help="comma-separated runs")
     ap.add_argument("--results", default=str(HERE / "results" / "sd15_scale.json"))
     args = ap.parse_args()
     work = Path(args.work).resolve()
@@ -243,44 +255,47 @@ def main() -> int:
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     py = sys.executable
-    pipe = work / "sd15"
+    pipe, sdxl = work / "sd15", work / "sdxl"
+    cli = [py, "-m", "tinyprune.cli", "export"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
     if "make" in only:
         _run("make", [py, __file__, "_make", str(pipe)], results, env)
-    if "export" in only:
-        _run("export", [py, "-m", "cli", "export", "--model", str(pipe), "--sparsity", "0.43", "--target", str(PROFILE),
-                        "--image-checks", "1", "--image-steps", "2", "--out", str(work / "bundle-magnitude"),
-                        "--force", "--json"], results, env)
-    if "export_nocheck" in only:  # the export again with every image gate off: the stages' memory without sampling
-        _run("export_nocheck", [py, "-m", "cli", "export", "--model", str(pipe), "--sparsity", "0.43", "--target",
-                                str(PROFILE), "--image-checks", "0", "--out", str(work / "bundle-magnitude-nocheck"),
-                                "--force", "--json"], results, env)
-    if "two_four" in only:
-        _run("two_four", [py, __file__, "_two_four", str(pipe), str(work / "bundle-2to4")], results, env)
-    if "verify" in only:
-        _run("verify", [py, "-m", "cli", "verify", str(work / "bundle-magnitude"), "--json"], results, env)
-    if "images" in only:
-        _run("images", [py, __file__, "_images", str(pipe)], results, env)
+    if "default" in only:
+        _run("default", cli + ["--model", str(pipe), "--out", str(work / "bundle-default"), "--force", "--json"],
+             results, env)
     if "optimum" in only and args.optimum_python:
-        _run("optimum", [args.optimum_python, __file__, "_optimum", str(pipe), str(work / "optimum")], results, env)
+        twin = work / "sd15-optimum"
+        _run("optimum_dir", [args.optimum_python, __file__, "_optimum_dir", str(pipe), str(twin)], results, env)
+        cli_optimum = str(Path(args.optimum_python).parent / "optimum-cli")
+        _run("optimum", [cli_optimum, "export", "onnx", "--model", str(twin), "--task", "text-to-image",
+                         str(work / "optimum")], results, env)
+    if "two_four" in only:
+        _run("two_four", cli + ["--model", str(pipe), "--pattern", "2:4", "--out", str(work / "bundle-2to4"),
+                                "--force", "--json"], results, env)
+    if "verify" in only:
+        _run("verify", [py, "-m", "tinyprune.cli", "verify", str(work / "bundle-default"), "--json"], results, env)
+    if "make_sdxl" in only:
+        _run("make_sdxl", [py, __file__, "_make_sdxl", str(sdxl)], results, env)
+    if "sdxl" in only:
+        _run("sdxl", cli + ["--model", str(sdxl), "--target", "jetson-agx-orin", "--out", str(work / "bundle-sdxl"),
+                            "--force", "--json"], results, env)
     results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                           "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     # this machine's paths stay out of the results: the repo root as ".", the work dir as "WORK"
     text = json.dumps(results, indent=2).replace(str(work), "WORK").replace(str(ROOT), ".")
     if args.optimum_python:
-        text = text.replace(args.optimum_python, "OPTIMUM_VENV/bin/python")
+        text = text.replace(str(Path(args.optimum_python).parent.parent), "OPTIMUM_VENV")
     results_path.write_text(text + "\n")
-    if "make" in results:
-        table = _table(results)
-        print(table)
-        results_path.with_suffix(".md").write_text(table + "\n")
+    tables = [_table(results, runs) for runs in (SD15_RUNS, SDXL_RUNS) if runs[0] in results]
+    print("\n\n".join(tables))
+    results_path.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        fn = {"_make": cmd_make, "_two_four": cmd_two_four, "_images": cmd_images, "_optimum": cmd_optimum}[sys.argv[1]]
+        fn = {"_make": cmd_make, "_make_sdxl": cmd_make_sdxl, "_optimum_dir": cmd_optimum_dir}[sys.argv[1]]
         print(json.dumps(fn(*sys.argv[2:])))
         sys.exit(0)
     sys.exit(main())

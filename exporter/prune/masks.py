@@ -35,6 +35,7 @@ def unstructured(scores: dict[str, torch.Tensor], sparsity: float, scope: str = 
 
 
 _SAMPLE = 1 << 22  # scores read for kth_smallest's bracket
+_CHUNK = 1 << 20  # scores compared at a time
 
 
 def kth_smallest(scores, k: int) -> tuple[torch.Tensor, int]:
@@ -58,9 +59,9 @@ def kth_smallest(scores, k: int) -> tuple[torch.Tensor, int]:
         hi = sample[at_hi] if at_hi < n - 1 else torch.inf
         below, inside = 0, []
         for s in scores.values():
-            s = s.detach().flatten().float()
-            below += int((s < lo).sum())
-            inside.append(s[(s >= lo) & (s <= hi)])
+            for c in s.detach().flatten().float().split(_CHUNK):  # bounded temporaries: freed heap gets reused
+                below += int((c < lo).sum())
+                inside.append(c[(c >= lo) & (c <= hi)])
         inside = torch.cat(inside)
         if below < k <= below + len(inside):
             value = inside.kthvalue(k - below).values

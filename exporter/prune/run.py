@@ -42,7 +42,9 @@ def _masks(model, weights, spec: PruneSpec, batches, scheduler, log, engine: Eng
     else:
         scores = SCORES[spec.method](weights, batches)
     if spec.pattern == "2:4":  # the eligible layers least sensitive to 2:4 (measured loss increase)
-        masks, decisions = two_four.select(model, weights, scores, spec.sparsity, batches, engine=engine)
+        masks, decisions = two_four.select(model, weights, scores, spec.sparsity, batches, engine=engine, log=log)
+        if batches and spec.recovery_steps:  # recovery changes the weights the lazy masks are made from
+            masks = {name: masks[name] for name in masks}
     else:
         # recovery needs every mask at once; otherwise they are made and baked one layer at a time
         # (all masks together are a quarter of the fp32 weights: 0.86 GB at Stable Diffusion size)

@@ -18,6 +18,7 @@ the data-free ranking by the fraction of weight energy the 2:4 mask removes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
@@ -45,21 +46,25 @@ def energy_lost(w: torch.Tensor, mask: torch.Tensor) -> float:
 
 @torch.no_grad()
 def sensitivity(model: torch.nn.Module, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                batches, forward=denoising_loss, engine: Engine = LOCAL) -> tuple[float, dict[str, float]]:
-    """Loss on `batches` of the dense model, and its increase when each masked layer alone is applied."""
+                batches, forward=denoising_loss, engine: Engine = LOCAL,
+                log=lambda msg: None) -> tuple[float, dict[str, float]]:
+    """Loss on `batches` of the dense model, and its increase when each masked layer alone is applied; a log line
+    at every tenth of the layers (one loss evaluation each: minutes at Stable Diffusion size)."""
     base = mean_loss(model, batches, forward, engine)
-    out = {}
-    for name, mask in masks.items():
+    out, t0, every = {}, time.perf_counter(), max(1, len(masks) // 10)
+    for i, (name, mask) in enumerate(masks.items(), 1):
         w = weights[name]
         saved = w.detach().clone()
         w.mul_(mask.to(w.dtype))
         out[name] = mean_loss(model, batches, forward, engine) - base
         w.copy_(saved)
+        if i % every == 0 or i == len(masks):
+            log(f"2:4 sensitivity: {i}/{len(masks)} layers, {time.perf_counter() - t0:.0f} s")
     return base, out
 
 
 def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
-           sparsity: float, batches=None, forward=denoising_loss, engine: Engine = LOCAL):
+           sparsity: float, batches=None, forward=denoising_loss, engine: Engine = LOCAL, log=lambda msg: None):
     """2:4 masks on the least sensitive eligible layers until `sparsity` of all prunable weights is zero.
 
     Each chosen layer contributes exactly half its weights; the achieved sparsity is the largest reachable
@@ -74,12 +79,12 @@ def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dic
             decisions[name] = {"pattern": "none", "reason": reason}
         else:
             candidates[name] = None
-    # Masks are made on access: without calibration data (the data-free ranking, the only one affordable at
-    # Stable Diffusion size on a CPU) the chosen masks are also handed to baking one layer at a time, instead
-    # of holding a bool mask per eligible layer (0.86 GB for an SD-1.5 UNet).
+    # Masks are made on access, and the chosen ones handed to baking one layer at a time, instead of holding a bool
+    # mask per chosen layer (0.7 GiB for an SD-1.5 UNet at 0.43). A caller whose recovery changes the weights
+    # these lazy masks are made from fixes them first (prune/run.py).
     candidates = _LazyMasks(list(candidates), scores)
     if batches:
-        _, sens = sensitivity(model, weights, candidates, batches, forward, engine)
+        _, sens = sensitivity(model, weights, candidates, batches, forward, engine, log)
         key = "sensitivity"
     else:
         sens = {name: energy_lost(weights[name], m) for name, m in candidates.items()}
@@ -97,8 +102,6 @@ def select(model: torch.nn.Module, weights: dict[str, torch.Tensor], scores: dic
             decisions[name] = {"pattern": "none", "reason": "target sparsity reached", **entry}
     picked = set(chosen)
     chosen = [name for name in candidates if name in picked]  # model order, as before
-    if batches:  # recovery may follow and changes the weights the lazy masks would be made from: fix them now
-        return {name: n_of_m(scores[name]) for name in chosen}, decisions
     return _LazyMasks(chosen, scores), decisions
 
 
