@@ -289,7 +289,13 @@ def main() -> int:
     results_path.write_text(text + "\n")
     tables = [_table(results, runs) for runs in (SD15_RUNS, SDXL_RUNS) if runs[0] in results]
     print("\n\n".join(tables))
-    results_path.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    machine = results["machine"]
+    header = (f"# SD-1.5- and SDXL-sized pipelines: tinyprune's default commands beside optimum-cli\n\n"
+              f"Command: `.venv/bin/python benchmarks/sd15_scale.py --work WORK --optimum-python "
+              f"OPTIMUM_VENV/bin/python` (runs made with `--only`, merged in sd15_scale.json, which holds every "
+              f"command line). Machine: {machine['cpus']} cores, {machine['mem_total_gb']} GB, no GPU; one run at "
+              f"a time on an otherwise idle machine. How memory is measured: see the script's docstring.\n\n")
+    results_path.with_suffix(".md").write_text(header + "\n\n".join(tables) + "\n")
     return 0
 
 
