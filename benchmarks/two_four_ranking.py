@@ -7,7 +7,7 @@ and prints the Spearman correlation of the sensitivities, the overlap of the lay
 the time each took:
 
   - the demo (native latent 8, the smallest a ranking takes): the sample count alone (8 latents against 34)
-  - the tests' tiny SD pipeline (native 16): the latent (8 against 16) and the sample count
+  - the tests' tiny SD pipeline of the families (native 16): the latent (8 against 16) and the sample count
 
     .venv/bin/python benchmarks/two_four_ranking.py [--sparsity 0.43]
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny pipelines
 
 from tinyprune.model.calibration import LARGE_MODEL_CALIBRATION, from_samples  # noqa: E402
-from tinyprune.model.pipeline import demo_dir, load_pipeline, save_pipeline  # noqa: E402
+from tinyprune.model.pipeline import demo_dir, load_pipeline  # noqa: E402
 from tinyprune.prune import two_four  # noqa: E402
 from tinyprune.prune.importance import SCORES  # noqa: E402
 from tinyprune.prune.masks import prunable_weights  # noqa: E402
@@ -57,11 +57,10 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.43)
     args = ap.parse_args()
     torch.manual_seed(0)
-    from pipelines import tiny
+    from pipelines import save
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_pipeline(tiny(seed=0), Path(tmp) / "tiny")
-        cases = [("demo", demo_dir(), 8), ("tests' tiny SD", Path(tmp) / "tiny", 8)]
+        cases = [("demo", demo_dir(), 8), ("tests' tiny SD (latent 16)", save("sd", Path(tmp) / "sd"), 8)]
         print(f"| pipeline | full: latents x size | large-UNet: latents x size | Spearman | picked both / full | "
               f"full s | large-UNet s |\n|---|---|---|---|---|---|---|")
         for name, path, small in cases:
