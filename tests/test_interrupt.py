@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export(tiny_dir, out: Path, *extra) -> subprocess.Popen:
+    # 300 sampler steps: the runtime check after the ONNX export then takes seconds, so the run is still going
+    # when the test, reading its log on a loaded machine, signals it (at 2 steps it had finished, seen in CI)
     cmd = [sys.executable, "-m", "tinyprune.cli", "export", "--model", str(tiny_dir), "--out", str(out), "--force",
-           "--image-checks", "1", "--image-steps", "2", *extra]
+           "--image-checks", "1", "--image-steps", "300", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 
