@@ -105,5 +105,5 @@ def export_spec(pipe: Pipeline, profile: DeviceProfile, max_opset: int) -> Expor
 
     native = pipe.latent_size
     latent = profile.latent or Range(native, native, native)
-    work = work_latent(sum(p.numel() for p in pipe.unet.parameters()), latent.opt)
+    work = work_latent(pipe.unet_params, latent.opt)
     return ExportSpec(opset=parser_opset(profile, max_opset).opset, batch=profile.batch, latent=latent, work=work)

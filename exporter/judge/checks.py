@@ -66,7 +66,7 @@ class CheckOptions:
         if not self.images:
             return self
         size = self.latent or pipe.latent_size
-        params = sum(p.numel() for p in pipe.unet.parameters())
+        params = pipe.unet_params
         latent = work_latent(params, size)
         if latent is None:
             return self
@@ -91,11 +91,6 @@ def image_latent_size(profile: DeviceProfile) -> int | None:
     at); None = the model's native size. A Stable-Diffusion-sized model decoded at 512 px costs more than 1 GB of
     activations on top of its weights; a profile with `latent = [min, opt, max]` keeps the gate at opt."""
     return profile.latent.opt if profile.latent else None
-
-
-def reference_images(pipe, n: int | None = None, steps: int | None = None, size: int | None = None) -> np.ndarray:
-    """Final images for the check's seeds and first n conditions (tinyprune.model.sampling.sample)."""
-    return Samples()(pipe, "", image_conditions(pipe, n), steps, size)
 
 
 class Samples:

@@ -130,7 +130,7 @@ def from_images(pipe: Pipeline, folder: str | Path, limit: int = 256, size: int 
 def calibration_latent(pipe: Pipeline) -> int | None:
     """The latent size calibration works at: config.work_latent's for a UNet past CHECK_WORK at its native
     size (SD-1.5: 16), None (native) for the others."""
-    return work_latent(sum(p.numel() for p in pipe.unet.parameters()), pipe.latent_size)
+    return work_latent(pipe.unet_params, pipe.latent_size)
 
 
 def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,

@@ -73,6 +73,10 @@ class Pipeline:
         return self.latent_size * self.vae_scale
 
     @property
+    def unet_params(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    @property
     def conditioner(self):
         """The first conditioning part (the first text encoder); None when unconditional."""
         return next((m for m in self.parts.values() if isinstance(m, torch.nn.Module)), None)

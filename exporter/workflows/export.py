@@ -198,8 +198,7 @@ def export(model: str | None, sparsity, target: str, method: str = "magnitude", 
     chosen = {}
 
     def checks(profile, stage, pipe):  # after load: auto needs the UNet's size; the gates follow the precision
-        choice = chosen["choice"] = precisions.resolve(precision, profile,
-                                                       sum(p.numel() for p in pipe.unet.parameters()))
+        choice = chosen["choice"] = precisions.resolve(precision, profile, pipe.unet_params)
         options = CheckOptions(profile.for_precision(choice.precision), min_psnr_db, image_checks, image_steps,
                                quality, max_fd_ratio, min_accuracy, is_demo=model is None,
                                precision=choice.precision).for_pipeline(pipe)
