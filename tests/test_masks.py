@@ -43,6 +43,28 @@ def test_kth_smallest_is_exact_even_when_the_sampled_bracket_misses(monkeypatch,
         assert value == flat.kthvalue(k).values and below == int((flat < value).sum())
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_chunked_magnitude_masks_equal_the_materialised_ones(monkeypatch, chunk):
+    """importance.magnitude's scores are read chunk by chunk into one buffer: the same masks, ties across chunk
+    and layer borders resolved in the same order, as from |w| held whole."""
+    from tinyprune.prune import masks
+    from tinyprune.prune.importance import SCORES
+
+    monkeypatch.setattr(masks, "_CHUNK", chunk)
+    monkeypatch.setattr(masks, "_SAMPLE", 50)
+    g = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(9, 4, 3, 3, generator=g), "b": torch.full((6, 5), -0.5), "c": torch.randn(13, generator=g)}
+    weights["a"][::2] = 0.5
+    lazy = SCORES["magnitude"](weights)
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    for sparsity in (0.2, 0.43, 0.7):
+        keep = torch.ones_like(flat, dtype=torch.bool)  # the definition: lowest first, ties in layer and index order
+        keep[torch.argsort(flat, stable=True)[:round(sparsity * len(flat))]] = False
+        for scores in (lazy, {k: w.abs() for k, w in weights.items()}):
+            got = unstructured(scores, sparsity)
+            assert torch.equal(torch.cat([got[k].flatten() for k in weights]), keep), sparsity
+
+
 def test_layer_scope_same_sparsity_per_layer():
     scores = _scores()
     masks = unstructured(scores, 0.43, "layer")
@@ -78,4 +100,5 @@ def test_bake_zeros_in_place():
     masks = unstructured({k: w.abs() for k, w in weights.items()}, 0.5)
     plan = apply_masks(lin, masks)
     assert plan["0.weight"]["zeros"] + plan["1.weight"]["zeros"] == 24
+    assert all(int((w[~masks[k]] != 0).sum()) == 0 for k, w in weights.items())
     assert int((lin[0].weight == 0).sum()) == plan["0.weight"]["zeros"]

@@ -14,8 +14,8 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict:
     plan = {}
     for name, mask in masks.items():
         w = weights[name]
-        w.mul_(mask.to(w.dtype))
-        plan[name] = {"zeros": int((w == 0).sum()), "numel": w.numel()}
+        w.mul_(mask)  # no float copy of the mask: at Stable Diffusion size each is up to 59 MB
+        plan[name] = {"zeros": w.numel() - int(torch.count_nonzero(w)), "numel": w.numel()}
     return plan
 
 

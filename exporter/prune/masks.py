@@ -38,6 +38,20 @@ _SAMPLE = 1 << 22  # scores read for kth_smallest's bracket
 _CHUNK = 1 << 20  # scores compared at a time
 
 
+def _shape(scores, name: str) -> torch.Size:
+    return scores.shape(name) if hasattr(scores, "shape") else scores[name].shape
+
+
+def _chunks(scores, name: str):
+    """One layer's flattened scores, _CHUNK at a time, as float, each valid until the next is drawn: where the
+    mapping can (importance.magnitude's), computed chunk by chunk into one reused buffer. Temporaries the size
+    of each layer (its |w|, its comparisons) made the prune stage of SD-1.5's UNet peak 0.6-1.0 GiB over the
+    weights, against 0.2-0.5 GiB so (benchmarks/results/sd15_scale.md)."""
+    if hasattr(scores, "chunks"):
+        return scores.chunks(name, _CHUNK)
+    return scores[name].detach().reshape(-1).float().split(_CHUNK)
+
+
 def kth_smallest(scores, k: int) -> tuple[torch.Tensor, int]:
     """The k-th smallest value (1-based) over all score tensors, and how many values are strictly below it.
 
@@ -47,21 +61,30 @@ def kth_smallest(scores, k: int) -> tuple[torch.Tensor, int]:
     that misses (the sample is not random) is widened until it holds it. `scores` is a mapping whose values may be
     computed on access (importance.magnitude's are). Two reads of every score; the bit-pattern histograms this
     replaces took 19 s on SD-1.5's UNet, this about 4."""
-    total = sum(s.numel() for s in scores.values())
+    numels = [_shape(scores, name).numel() for name in scores]
+    total = sum(numels)
     step = max(1, total // _SAMPLE)
-    # clone: a strided view would keep each layer's whole (lazily computed) score tensor alive
-    sample = torch.cat([s.detach().flatten()[::step].float().clone() for s in scores.values()]).sort().values
+    sample, at = torch.empty(sum(-(-n // step) for n in numels)), 0
+    for name in scores:  # every step-th score of each layer, counted from the layer's start
+        for i, c in enumerate(_chunks(scores, name)):
+            part = c[(-i * _CHUNK) % step::step]
+            sample[at:at + len(part)] = part
+            at += len(part)
+    sample = sample.sort().values
     n = len(sample)
     margin = 8 * (k / total * (1 - k / total) / n) ** 0.5 + 2 / n  # 8 sigma of the sample quantile
+    flags, both = torch.empty(_CHUNK, dtype=torch.bool), torch.empty(_CHUNK, dtype=torch.bool)
     while True:
         at_lo, at_hi = (int(min(max((k / total + d) * n, 0), n - 1)) for d in (-margin, margin))
         lo = sample[at_lo] if at_lo > 0 else -torch.inf
         hi = sample[at_hi] if at_hi < n - 1 else torch.inf
         below, inside = 0, []
-        for s in scores.values():
-            for c in s.detach().flatten().float().split(_CHUNK):  # bounded temporaries: freed heap gets reused
-                below += int((c < lo).sum())
-                inside.append(c[(c >= lo) & (c <= hi)])
+        for name in scores:
+            for c in _chunks(scores, name):
+                f, g = flags[:len(c)], both[:len(c)]
+                below += int(torch.lt(c, lo, out=f).sum())
+                torch.ge(c, lo, out=f).logical_and_(torch.le(c, hi, out=g))
+                inside.append(c[f])
         inside = torch.cat(inside)
         if below < k <= below + len(inside):
             value = inside.kthvalue(k - below).values
@@ -96,22 +119,27 @@ def iter_unstructured(scores, sparsity: float, scope: str = "global"):
         for name, s in scores.items():
             yield name, _keep_top(s, round(sparsity * s.numel()))
         return
-    total = sum(s.numel() for s in scores.values())
+    total = sum(_shape(scores, name).numel() for name in scores)
     n_zero = round(sparsity * total)
     if n_zero == 0:
-        for name, s in scores.items():
-            yield name, torch.ones_like(s, dtype=torch.bool)
+        for name in scores:
+            yield name, torch.ones(_shape(scores, name), dtype=torch.bool)
         return
     # An exact threshold, then ties at the threshold resolved in order.
     threshold, below = kth_smallest(scores, n_zero)
     ties_to_zero = n_zero - below  # >= 1: the threshold itself is the n_zero-th smallest
-    for name, s in scores.items():
-        s = s.float()
-        mask = (s > threshold).flatten()
-        ties = (s == threshold).flatten().nonzero().flatten()
-        mask[ties[ties_to_zero:]] = True
-        ties_to_zero = max(0, ties_to_zero - len(ties))
-        yield name, mask.view_as(s)
+    equal = torch.empty(_CHUNK, dtype=torch.bool)
+    for name in scores:
+        shape = _shape(scores, name)
+        mask, at = torch.empty(shape.numel(), dtype=torch.bool), 0
+        for c in _chunks(scores, name):
+            part = mask[at:at + len(c)]
+            torch.gt(c, threshold, out=part)
+            ties = torch.eq(c, threshold, out=equal[:len(c)]).nonzero().flatten()
+            part[ties[ties_to_zero:]] = True
+            ties_to_zero = max(0, ties_to_zero - len(ties))
+            at += len(c)
+        yield name, mask.view(shape)
 
 
 # TensorRT reads 2:4 along input channels (Conv [K, C, R, S]) / in-features (Linear [out, in]):

@@ -57,7 +57,7 @@ class _Stage:
         if peak is not None:
             self.stages.peak_rss_mb[self.name] = peak
         if exc_type is None:
-            self.stages.log(f"{self.name} done in {dt:.1f} s" + (f", peak RSS {peak / 1024:.2f} GB" if peak else ""))
+            self.stages.log(f"{self.name} done in {dt:.1f} s" + (f", peak RSS {peak / 1024:.2f} GiB" if peak else ""))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ class LazyScores(Mapping):
         self._weights, self._fn = weights, fn
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._fn(self._weights[name])
+        return self._fn(self._weights[name].detach())
 
     def __iter__(self):
         return iter(self._weights)
@@ -19,8 +19,18 @@ class LazyScores(Mapping):
     def __len__(self) -> int:
         return len(self._weights)
 
+    def shape(self, name: str) -> torch.Size:
+        return self._weights[name].shape
+
+    def chunks(self, name: str, size: int):
+        """The flattened score of one layer, `size` values at a time, each written over the last one (fn is
+        elementwise and takes out=): no allocation per chunk (masks._chunks says why that matters)."""
+        buffer = torch.empty(size)
+        for c in self._weights[name].detach().reshape(-1).split(size):
+            yield self._fn(c, out=buffer[:len(c)])
+
 
 def magnitude(weights: dict[str, torch.Tensor], batches=None) -> Mapping[str, torch.Tensor]:
     """|w|: needs no data, so batches is ignored. Computed lazily per layer; read each layer's score
     before its mask is baked (prune/run.py does)."""
-    return LazyScores(weights, lambda w: w.detach().abs())
+    return LazyScores(weights, torch.abs)
