@@ -20,6 +20,7 @@ What runs (each in its own subprocess, one after the other):
   make_sdxl    StableDiffusionXLPipeline parts with SDXL base 1.0's configurations (UNet 2.57B, CLIP ViT-L and
                OpenCLIP bigG text encoders, SDXL's VAE), random weights, save_pretrained
   sdxl         `tinyprune export --model SDXL_DIR --target jetson-agx-orin`, default gates
+  sdxl_repeat  the same command again, kept beside the first: its export-unet stage's peak moves by GiBs between runs
 
 How memory is measured, per stage: the kernel's peak RSS of the process (VmHWM from /proc/self/status),
 reset at the start of each stage by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and read at its end (the
@@ -210,7 +211,7 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
 
 
 SD15_RUNS = ("make", "default", "optimum", "two_four", "verify")
-SDXL_RUNS = ("make_sdxl", "sdxl")
+SDXL_RUNS = ("make_sdxl", "sdxl", "sdxl_repeat")
 
 
 def _table(results: dict, runs: tuple[str, ...]) -> str:
@@ -276,9 +277,10 @@ def main() -> int:
         _run("verify", [py, "-m", "tinyprune.cli", "verify", str(work / "bundle-default"), "--json"], results, env)
     if "make_sdxl" in only:
         _run("make_sdxl", [py, __file__, "_make_sdxl", str(sdxl)], results, env)
-    if "sdxl" in only:
-        _run("sdxl", cli + ["--model", str(sdxl), "--target", "jetson-agx-orin", "--out", str(work / "bundle-sdxl"),
-                            "--force", "--json"], results, env)
+    for run in ("sdxl", "sdxl_repeat"):
+        if run in only:
+            _run(run, cli + ["--model", str(sdxl), "--target", "jetson-agx-orin", "--out", str(work / "bundle-sdxl"),
+                             "--force", "--json"], results, env)
     results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                           "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)}
     results_path.parent.mkdir(parents=True, exist_ok=True)
