@@ -172,7 +172,8 @@ CalibrationOpt = typer.Option(None, "--calibration", help="folder of images for 
 CalibrationSamplesOpt = typer.Option(None, "--calibration-samples", rich_help_panel=INPUT,
                                      help="how many latents calibration, scoring and recovery read: data-free samples "
                                           "of the dense model (default 40 prompts, fewer when the pipeline's own "
-                                          "prompts.txt is short) or images of --calibration (default at most 256); "
+                                          "prompts.txt is short; 200 for a structured method's distillation) or "
+                                          "images of --calibration (default at most 256); "
                                           "more makes recovery generalise, at sampling and scoring time")
 
 
@@ -193,7 +194,8 @@ CostModelOpt = typer.Option(None, "--cost-model", help="structured, latency-awar
                             parser=_choice(CostModel, "unknown --cost-model '{}'; known: {}"),
                             rich_help_panel=STRUCTURED)
 RecoveryMinutesOpt = typer.Option(None, "--recovery-minutes", help="structured: wall-time cap of the recovery "
-                                  "distillation (--recovery-steps steps, default 300 for structured methods)",
+                                  "distillation (--recovery-steps steps, default 2000 for structured "
+                                  "methods; the learning rate decays over whichever ends the run first)",
                                   rich_help_panel=STRUCTURED)
 PrecisionOpt = typer.Option(Precision.fp32, "--precision", parser=_choice(Precision, "unknown --precision '{}'; known: {}"),
                             help="ONNX precision: fp32 | fp16 (GPU targets) | int8 (QDQ UNet, calibrated here) | "

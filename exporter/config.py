@@ -253,10 +253,14 @@ def parse_sparsity(value: str | float) -> float:
 
 
 DEFAULT_RECOVERY_STEPS = 200  # l1-grad's recovery when --recovery-steps is not given; magnitude's is 0
-# Structured pruning at 43 % needs distillation (on the earlier class-conditioned demo: 0.1-0.7 class accuracy
-# without it); with 300 steps, on today's demo, diff-pruning ends at FD 1.03x dense and accuracy 0.970, ld-pruner at
-# 1.15x and 0.955 (benchmarks/results/methods.md).
-DEFAULT_STRUCTURED_RECOVERY_STEPS = 300
+# Structured pruning needs distillation (on the demo at --speedup 2: FD 15.7x dense, class accuracy 0.15 without
+# it). 2000 steps with the rate decaying to 0 (prune/recovery.py) take that pruning of the demo to FD 1.005x and
+# accuracy 0.99 in about 4 minutes here; 300 constant-rate steps left it at 4.65x (benchmarks/results/speedup.md).
+DEFAULT_STRUCTURED_RECOVERY_STEPS = 2000
+# Data-free latents a structured method's distillation reads by default on a UNet within config.CHECK_WORK: at
+# --speedup 2 on the demo its 34-prompt set (the other methods' default) left FD 4.3x dense, 200 latents 1.0x
+# (benchmarks/results/speedup.md); the dense model draws them in about 17 s there
+STRUCTURED_CALIBRATION_SAMPLES = 200
 
 
 RECOVERY_TARGETS = ("distill", "noise")
@@ -460,6 +464,11 @@ class PruneSpec:
         if self.method == "l1-grad":
             return DEFAULT_RECOVERY_STEPS
         return DEFAULT_STRUCTURED_RECOVERY_STEPS if self.pattern == "channel" else 0
+
+    @property
+    def default_calibration_samples(self) -> int | None:
+        """Data-free latents when --calibration-samples is not given (None: the family's calibration set)."""
+        return STRUCTURED_CALIBRATION_SAMPLES if self.pattern == "channel" and self.recovery_steps > 0 else None
 
     @property
     def needs_calibration(self) -> bool:

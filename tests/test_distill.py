@@ -2,6 +2,7 @@
 held-out loss that keeps the best weights."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -58,8 +59,10 @@ def test_early_stop_ends_a_run_that_stopped_gaining(monkeypatch):
     pipe, student, teacher = _student_teacher()
     rec = R.distill(student, teacher, _batches(pipe, 8), scheduler=pipe.noise_scheduler, steps=200, lr=0.0)
     s = rec["early_stop"]
-    assert rec["steps"] == R.EVAL_EVERY and s["best_step"] == 0  # lr 0: the second evaluation gains nothing
-    assert [h[0] for h in s["held_out_losses"]] == [0, R.EVAL_EVERY] and s["patience"] == 1
+    # lr 0: no evaluation after the first gains anything, but the stop counts only once the decaying rate is under
+    # a tenth of its start: after step 159 of 200 (cos(pi * 159/200) < -0.8), so at the evaluation of step 175
+    assert rec["steps"] == 175 and s["best_step"] == 0 and s["armed_below_rate"] == R.ARMED_BELOW == 0.1
+    assert [h[0] for h in s["held_out_losses"]] == list(range(0, 176, R.EVAL_EVERY)) and s["patience"] == 1
     assert s["held_out"] == "calibration batch 4 of 4"  # 8 samples, batches of 2: the last batch held out
 
 
@@ -73,3 +76,29 @@ def test_early_stop_restores_the_best_weights():
     assert last is None or last > s["best_held_out_loss"]  # None: the loss diverged
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert rec["loss_after"] == pytest.approx(rec["loss_before"])
+
+
+def test_the_learning_rate_decays_along_a_half_cosine_over_steps_or_minutes():
+    from tinyprune.prune.distributed import LOCAL
+
+    assert R._cosine(0, 100, None, 999.0, LOCAL) == 1.0
+    assert R._cosine(50, 100, None, 0.0, LOCAL) == pytest.approx(0.5)
+    assert R._cosine(100, 100, None, 0.0, LOCAL) == pytest.approx(0.0)
+    # a wall-time budget further along than the steps paces the decay: 45 s of 1 minute is 3/4 of the run
+    assert R._cosine(10, 100, 1.0, 45.0, LOCAL) == pytest.approx(0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert R._cosine(90, 100, 10.0, 45.0, LOCAL) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+
+
+def test_distillation_decays_its_learning_rate_and_says_so():
+    """Structured recovery steps with a cosine-decayed rate: the same run at a constant rate ends elsewhere."""
+    ends = {}
+    for cosine in (False, True):
+        pipe, student, teacher = _student_teacher()
+        _, rec = R.recover(student, {}, _batches(pipe, 4), 6, scheduler=pipe.noise_scheduler, teacher=teacher,
+                           lr=1e-2, cosine=cosine)
+        assert rec["lr_schedule"] == ("cosine" if cosine else "constant")
+        ends[cosine] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert not torch.equal(ends[False], ends[True])
+    pipe, student, teacher = _student_teacher()
+    rec = R.distill(student, teacher, _batches(pipe, 4), scheduler=pipe.noise_scheduler, steps=2)
+    assert rec["lr_schedule"] == "cosine" and rec["lr"] == R.DISTILL_LR

@@ -134,13 +134,13 @@ def calibration_latent(pipe: Pipeline) -> int | None:
 
 
 def calibration_batches(pipe: Pipeline, folder: str | Path | None = None, seed: int = 0,
-                        batch_size: int = 16, samples: int | None = None) -> list[Batch]:
+                        batch_size: int = 16, samples: int | None = None, default: int | None = None) -> list[Batch]:
     """The batches pruning reads: from an image folder when given (at most `samples` images, default 256), else
-    data-free from the dense model (`samples` of its own samples; default: the family's calibration set, or
-    LARGE_MODEL_CALIBRATION past CHECK_WORK). Large UNets calibrate at calibration_latent()."""
+    data-free from the dense model (`samples` of its own samples; by default `default` of them, None: the family's
+    calibration set; LARGE_MODEL_CALIBRATION past CHECK_WORK). Large UNets calibrate at calibration_latent()."""
     size = calibration_latent(pipe)
     if folder is not None:
         cal = from_images(pipe, folder, size=size, **({"limit": samples} if samples else {}))
     else:
-        cal = from_samples(pipe, seed=seed, n=samples or (LARGE_MODEL_CALIBRATION if size else None), size=size)
+        cal = from_samples(pipe, seed=seed, n=samples or (LARGE_MODEL_CALIBRATION if size else default), size=size)
     return cal.batches(pipe, batch_size=batch_size, seed=seed)

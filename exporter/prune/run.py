@@ -84,7 +84,8 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
         from tinyprune.model.calibration import calibration_batches
 
         with engine.hosting(pipe.unet), engine.autocast():  # the dense model's samples, on the engine's device
-            batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples)
+            batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples,
+                                          default=spec.default_calibration_samples)
         size = batches[0].x_t.shape[-1]
         log(f"calibration: {sum(len(b.t) for b in batches)} latents in {len(batches)} batches "
             f"({'images from ' + spec.calibration if spec.calibration else 'data-free: the dense model samples'})"

@@ -140,7 +140,7 @@ def sweep(model: str | None, sparsities: str | None = None, method: str = "magni
           pattern: str = "unstructured", target: str = "jetson", out: str | Path = "sweep", force: bool = False,
           per_class: int = 20, seed: int = quality_gate.QUALITY_SEED, speedups: str | None = None,
           calibration_samples: int | None = None, log=lambda msg: None, progress=None) -> dict:
-    """Dense samples once, calibration batches once; then for each point a fresh copy of the dense pipeline is
+    """Dense samples once, calibration batches once per count; then for each point a fresh copy of the dense pipeline is
     pruned (a structured method's scores are computed once and reused across its targets: same model, same
     batches), timed against the dense UNet and sampled on the same prompts and noise (`seed` picks the noise)."""
     profile = load_profile(target)
@@ -157,14 +157,20 @@ def sweep(model: str | None, sparsities: str | None = None, method: str = "magni
         raise InputError(f"sweep scores with the digit yardstick, which does not fit {model_dir}: {why_not}")
     log(f"dense samples ({per_class * NUM_DIGITS})")
     dense_q = quality_gate.draw(dense, per_class, seed=seed)
-    batches = None
-    if any(p.spec.needs_calibration for p in todo):
-        from tinyprune.model.calibration import calibration_batches
-
-        batches = calibration_batches(dense, None, seed=0, samples=calibration_samples)
+    calibrations = {}  # by count: by default the structured methods' distillation reads more latents than the others
     rows, scores = [], {}
     with UnetClock(dense) as clock:
         for p in todo:
+            batches = None
+            if p.spec.needs_calibration:
+                from tinyprune.model.calibration import calibration_batches
+
+                default = p.spec.default_calibration_samples
+                key = calibration_samples or default
+                if key not in calibrations:
+                    calibrations[key] = calibration_batches(dense, None, seed=0, samples=calibration_samples,
+                                                            default=default)
+                batches = calibrations[key]
             pipe = copy.deepcopy(dense)
             t0 = time.perf_counter()
             plan = prune(pipe, p.spec, batches=batches, scores=scores.setdefault(p.spec.method, {}))
