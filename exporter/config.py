@@ -255,7 +255,8 @@ def parse_sparsity(value: str | float) -> float:
 DEFAULT_RECOVERY_STEPS = 200  # l1-grad's recovery when --recovery-steps is not given; magnitude's is 0
 # Structured pruning needs distillation (on the demo at --speedup 2: FD 15.7x dense, class accuracy 0.15 without
 # it). 2000 steps with the rate decaying to 0 (prune/recovery.py) take that pruning of the demo to FD 1.005x and
-# accuracy 0.99 in about 4 minutes here; 300 constant-rate steps left it at 4.65x (benchmarks/results/speedup.md).
+# accuracy 0.99 in about 4 minutes here; 2000 steps at the old constant 2e-4 left it at 1.42x and 0.97
+# (benchmarks/results/speedup.md).
 DEFAULT_STRUCTURED_RECOVERY_STEPS = 2000
 # Data-free latents a structured method's distillation reads by default on a UNet within config.CHECK_WORK: at
 # --speedup 2 on the demo its 34-prompt set (the other methods' default) left FD 4.3x dense, 200 latents 1.0x

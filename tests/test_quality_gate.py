@@ -105,10 +105,22 @@ def test_sweep_bad_list(tiny_dir, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_methods_by_speedup_timed_with_pareto_front(tiny_dir, tmp_path):
+def test_sweep_methods_by_speedup_timed_with_pareto_front(tiny_dir, tmp_path, monkeypatch):
     """A speed-up sweep: the structured method prunes to each speed-up and every point, the zero-making method's too,
     is timed against the dense UNet; the front flags and pareto.png follow from the rows."""
+    from tinyprune.model import calibration
     from tinyprune.workflows.sweep import pareto
+
+    # the structured defaults (2000 distillation steps on 200 latents) are minutes even here: fewer, still > 0
+    monkeypatch.setattr("tinyprune.config.DEFAULT_STRUCTURED_RECOVERY_STEPS", 30)
+    monkeypatch.setattr("tinyprune.config.STRUCTURED_CALIBRATION_SAMPLES", 24)
+    counts, drawn = [], calibration.from_samples
+
+    def from_samples(*args, **kwargs):
+        counts.append(kwargs.get("n"))
+        return drawn(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "from_samples", from_samples)
 
     r = invoke("sweep", "--model", tiny_dir, "--method", "magnitude,ld-pruner", "--speedup", "1.5",
                "--target", "x86-cpu", "--quality", 1, "--out", tmp_path / "p", "--json")
@@ -123,6 +135,7 @@ def test_sweep_methods_by_speedup_timed_with_pareto_front(tiny_dir, tmp_path):
         assert row["p50_ms"] > 0 and row["dense_p50_ms"] > 0
         assert row["speedup"] == round(row["dense_p50_ms"] / row["p50_ms"], 3)
     assert rows[1]["speedup_predicted"] is not None  # the structured point's plan holds the cost table's prediction
+    assert counts == [24]  # magnitude reads no calibration; ld-pruner the structured methods' default count
     assert [row["pareto_fd"] for row in rows] == pareto(rows, "fd_ratio", "lower")
     assert [row["pareto_accuracy"] for row in rows] == pareto(rows, "accuracy", "higher")
     assert data["speed"]["backend"] == "ort-cpu" and data["speed"]["batch"] == 2
