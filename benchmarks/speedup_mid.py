@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
              f"`{result['command']}`, which ran `{result['tinyprune']}` ({wall:.0f} s wall). Machine: "
              f"{result['machine']}, onnxruntime CPU, {m['threads']} threads, batch 2, interleaved p50. Quality is not "
              "judged (random weights); recovery is off (it does not change the shapes).", "",
-             "| round | asked of the cost table | predicted | measured | p50 pruned / dense ms |", "|---|---|---|---|---|"]
+             "| round | asked of the cost table | predicted | measured | p50 pruned / dense ms |",
+             "|---|---|---|---|---|"]
     for i, x in enumerate(speed["rounds"], 1):
         lines.append(f"| {i} | {x['asked']:.3f}x | {x['predicted']:.2f}x | {x['measured']['speedup']:.2f}x | "
                      f"{x['measured']['p50_ms']:.2f} / {x['measured']['dense_p50_ms']:.2f} |")

@@ -259,8 +259,8 @@ DEFAULT_RECOVERY_STEPS = 200  # l1-grad's recovery when --recovery-steps is not 
 # (benchmarks/results/speedup.md).
 DEFAULT_STRUCTURED_RECOVERY_STEPS = 2000
 # Data-free latents a structured method's distillation reads by default on a UNet within config.CHECK_WORK: at
-# --speedup 2 on the demo its 34-prompt set (the other methods' default) left FD 4.3x dense, 200 latents 1.0x
-# (benchmarks/results/speedup.md); the dense model draws them in about 17 s there
+# --speedup 2 on the demo its 34-prompt set (the other methods' default) left FD 4.3x dense, 200 latents 1.04x
+# (both under an earlier early-stop rule: benchmarks/results/speedup.md); the dense model draws them in about 17 s
 STRUCTURED_CALIBRATION_SAMPLES = 200
 
 

@@ -102,3 +102,14 @@ def test_distillation_decays_its_learning_rate_and_says_so():
     pipe, student, teacher = _student_teacher()
     rec = R.distill(student, teacher, _batches(pipe, 4), scheduler=pipe.noise_scheduler, steps=2)
     assert rec["lr_schedule"] == "cosine" and rec["lr"] == R.DISTILL_LR
+
+
+def test_a_constant_rate_run_stops_early_from_the_start(monkeypatch):
+    """The armed rule belongs to the decaying rate: at a constant rate the held-out stop counts from the start."""
+    monkeypatch.setattr(R, "PATIENCE", 1)
+    pipe, student, teacher = _student_teacher()
+    held = _batches(pipe, 2)
+    stop = R.EarlyStop(student, lambda: R.mean_loss(student, held))
+    _, rec = R.recover(student, {}, _batches(pipe, 4), 200, scheduler=pipe.noise_scheduler, teacher=teacher, lr=0.0,
+                       early_stop=stop)
+    assert rec["steps"] == R.EVAL_EVERY and "armed_below_rate" not in rec["early_stop"]

@@ -35,7 +35,7 @@ def _spec(method, sparsity=0.43, recovery_steps=0, **structured):
     return spec
 
 
-def test_structured_recovery_defaults_to_300_distillation_steps():
+def test_structured_recovery_defaults_to_2000_distillation_steps():
     spec, _ = PruneSpec.resolve("ecodiff", 0.43, "unstructured", "global", False, CPU)
     assert spec.pattern == "channel" and spec.recovery_steps == DEFAULT_STRUCTURED_RECOVERY_STEPS == 2000
 

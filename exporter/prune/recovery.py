@@ -165,7 +165,8 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
                 if minutes is not None and engine.any(time.monotonic() - t0 > 60 * minutes):
                     break
                 rate = _cosine(step, steps, minutes, time.monotonic() - t0, engine) if cosine else 1.0
-                if early_stop is not None and step % EVAL_EVERY == 0 and early_stop.check(step, rate < ARMED_BELOW):
+                armed = not cosine or rate < ARMED_BELOW
+                if early_stop is not None and step % EVAL_EVERY == 0 and early_stop.check(step, armed):
                     break
                 for group in opt.param_groups:
                     group["lr"] = lr * rate
@@ -203,8 +204,8 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
     if early_stop is not None:
         if not early_stop.history or early_stop.history[-1][0] != len(losses):
             early_stop.check(len(losses))  # the weights as the run left them
-        stopped = {"eval_every": EVAL_EVERY, "patience": PATIENCE, **({"armed_below_rate": ARMED_BELOW} if cosine else {}),
-                   "best_step": early_stop.best_step,
+        stopped = {"eval_every": EVAL_EVERY, "patience": PATIENCE,
+                   **({"armed_below_rate": ARMED_BELOW} if cosine else {}), "best_step": early_stop.best_step,
                    "best_held_out_loss": round(early_stop.best, 6), "restored_best": early_stop.restore(),
                    "held_out_losses": early_stop.history}
     done = len(losses)
