@@ -16,6 +16,9 @@ What runs (each in its own subprocess, one after the other):
                transformers 5's CLIP keys nor its tokenizer.json-only tokenizer dir
   two_four     `tinyprune export --model DIR --pattern 2:4`: layers ranked by measured sensitivity on
                calibration latents made at the work latent
+  structured   `tinyprune export --model DIR --method diff-pruning --sparsity 0.3 --calibration-samples 2
+               --recovery-minutes 5`: Diff-Pruning's Taylor scores (the summed gradient held a quarter at a time),
+               channel surgery, and the lean distillation a UNet this large gets (prune/recovery.py), default gates
   verify       `tinyprune verify` of the default bundle (checksums + every metadata claim, streamed)
   make_sdxl    StableDiffusionXLPipeline parts with SDXL base 1.0's configurations (UNet 2.57B, CLIP ViT-L and
                OpenCLIP bigG text encoders, SDXL's VAE), random weights, save_pretrained
@@ -210,7 +213,7 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     return entry
 
 
-SD15_RUNS = ("make", "default", "optimum", "two_four", "verify")
+SD15_RUNS = ("make", "default", "optimum", "two_four", "structured", "verify")
 SDXL_RUNS = ("make_sdxl", "sdxl", "sdxl_repeat")
 
 
@@ -273,6 +276,10 @@ def main() -> int:
     if "two_four" in only:
         _run("two_four", cli + ["--model", str(pipe), "--pattern", "2:4", "--out", str(work / "bundle-2to4"),
                                 "--force", "--json"], results, env)
+    if "structured" in only:
+        _run("structured", cli + ["--model", str(pipe), "--method", "diff-pruning", "--sparsity", "0.3",
+                                  "--calibration-samples", "2", "--recovery-minutes", "5",
+                                  "--out", str(work / "bundle-structured"), "--force", "--json"], results, env)
     if "verify" in only:
         _run("verify", [py, "-m", "tinyprune.cli", "verify", str(work / "bundle-default"), "--json"], results, env)
     if "make_sdxl" in only:

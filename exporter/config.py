@@ -262,6 +262,16 @@ DEFAULT_STRUCTURED_RECOVERY_STEPS = 2000
 # --speedup 2 on the demo its 34-prompt set (the other methods' default) left FD 4.3x dense, 200 latents 1.04x
 # (both under an earlier early-stop rule: benchmarks/results/speedup.md); the dense model draws them in about 17 s
 STRUCTURED_CALIBRATION_SAMPLES = 200
+# fp32 weights past which the prune stage keeps no second copy of the UNet (Stable Diffusion 1.5's 3.2 GiB is held to
+# 1.5x its weights): structured recovery distils lean (prune/recovery.py), and a CPU target's latency-aware allocation
+# weighs MACs, not a measured onnxruntime table, whose session would hold the weights again beside PyTorch's. The
+# demo's UNet and precision.py's 79.7M one stay under it.
+LARGE_UNET_BYTES = 2 ** 30
+
+
+def large_unet(params: int) -> bool:
+    """Whether a UNet of `params` parameters is past LARGE_UNET_BYTES in fp32."""
+    return params * 4 > LARGE_UNET_BYTES
 
 
 RECOVERY_TARGETS = ("distill", "noise")

@@ -123,3 +123,24 @@ def test_bench_bad_input(bundle, tmp_path):
     assert r.exit_code == 2 and "--iters must be >= 1" in r.stderr
     r = invoke("bench", tmp_path / "nope")
     assert r.exit_code == 2
+
+
+def test_paging_out_weights_drops_their_file_pages_and_keeps_their_values(tmp_path):
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tinyprune.runtime.measure import page_out_weights, status_kb
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise(MADV_PAGEOUT) is Linux's")
+    (tmp_path / "unet").mkdir()
+    save_file({"w": torch.randn(16, 1024, 1024)}, tmp_path / "unet" / "w.safetensors")
+    w = load_file(tmp_path / "unet" / "w.safetensors")["w"]
+    total = float(w.sum())  # every page read: 64 MiB of file pages resident
+    before = status_kb("RssFile")
+    assert page_out_weights(lambda path: "/vae/" in path) == 0  # not picked: nothing advised
+    assert page_out_weights(lambda path: "/unet/" in path) >= 1
+    assert before - status_kb("RssFile") > 48 * 1024
+    assert float(w.sum()) == total  # read back from the file as touched

@@ -113,3 +113,60 @@ def test_a_constant_rate_run_stops_early_from_the_start(monkeypatch):
     _, rec = R.recover(student, {}, _batches(pipe, 4), 200, scheduler=pipe.noise_scheduler, teacher=teacher, lr=0.0,
                        early_stop=stop)
     assert rec["steps"] == R.EVAL_EVERY and "armed_below_rate" not in rec["early_stop"]
+
+
+def test_a_recorded_teacher_holds_the_teachers_outputs_on_the_standard_draws():
+    """Lean distillation's targets: the dense UNet's outputs on the very draws the standard run makes."""
+    pipe, student, teacher = _student_teacher()
+    batches = _batches(pipe, 8)
+    rec = R.record_teacher(teacher, batches, scheduler=pipe.noise_scheduler, steps=5, seed=3)
+    train, held = R._held_out(batches, pipe.noise_scheduler, 3)
+    g = torch.Generator().manual_seed(3)
+    assert len(rec.train) == 5 and len(rec.held) == R.HELD_OUT_DRAWS and len(rec.whole) == len(batches)
+    with torch.no_grad():
+        for s, b in enumerate(rec.train):
+            want = R.renoise(train[s % len(train)], pipe.noise_scheduler, g)
+            assert torch.equal(b.x_t, want.x_t) and torch.equal(b.t, want.t)
+            assert torch.equal(b.noise, teacher(b.x_t, b.t, **b.cond).sample)
+    assert all(torch.equal(a.x_t, b.x_t) for a, b in zip(rec.held, held))
+    assert len(R.record_teacher(teacher, batches, scheduler=pipe.noise_scheduler, steps=10 ** 6).train) == R.POOL_DRAWS
+    # the loss it judges is the standard path's: the student against the teacher on the calibration batches
+    assert R.mean_loss(student, rec.whole) == pytest.approx(R.mean_loss(student, batches, R._distill_loss(teacher)))
+
+
+def test_lean_distillation_steps_adafactor_in_the_backward_and_gains():
+    pipe, student, teacher = _student_teacher()
+    batches = _batches(pipe, 8)
+    rec = R.distill(student, R.record_teacher(teacher, batches, scheduler=pipe.noise_scheduler, steps=40),
+                    batches, scheduler=pipe.noise_scheduler, steps=40, early_stop=False)
+    assert rec["optimizer"].startswith("adafactor") and rec["lr"] == R.LEAN_LR and rec["steps"] == 40
+    assert "recorded before surgery on 40 training draws" in rec["teacher"] and "feature" not in rec["objective"]
+    assert rec["loss_after"] < 0.95 * rec["loss_before"]  # (0.00665 -> 0.00609 when written)
+    assert all(p.grad is None for p in student.parameters())
+    # the stepping hooks are gone with the run: a backward now only leaves gradients
+    before = [p.detach().clone() for p in student.parameters()]
+    b = batches[0]
+    student.requires_grad_(True)
+    student(b.x_t, b.t, **b.cond).sample.square().mean().backward()
+    assert all(torch.equal(a, p) for a, p in zip(before, student.parameters()))
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_lean_early_stop_restores_the_best_weights_from_disk():
+    pipe, student, teacher = _student_teacher()
+    batches = _batches(pipe, 8)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    recorded = R.record_teacher(teacher, batches, scheduler=pipe.noise_scheduler, steps=R.EVAL_EVERY)
+    rec = R.distill(student, recorded, batches, scheduler=pipe.noise_scheduler, steps=R.EVAL_EVERY, lr=50.0)
+    s = rec["early_stop"]  # a rate that wrecks the student: the weights it started with were the best
+    assert s["best_step"] == 0 and s["restored_best"] is True
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_only_a_large_unet_distils_lean(monkeypatch):
+    from tinyprune.prune.distributed import LOCAL
+
+    pipe = tiny_pipeline(seed=0)
+    assert not R.lean_distillation(pipe.unet, LOCAL)
+    monkeypatch.setattr("tinyprune.config.LARGE_UNET_BYTES", 0)
+    assert R.lean_distillation(pipe.unet, LOCAL)

@@ -85,6 +85,25 @@ def test_diff_pruning_stops_at_the_threshold():
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
+def test_diff_pruning_in_gradient_passes_gives_the_one_pass_scores(monkeypatch):
+    """Past the floor the summed gradient is held a share at a time: every unit's score is the one-pass score."""
+    from tinyprune.prune.importance import taylor_timestep as tt
+
+    pipe = tiny_pipeline(seed=0)
+    groups = find_groups(pipe.unet)
+    batches = _batches(pipe, 2)
+    whole, split = {}, {}
+    one = tt.taylor_timestep(pipe.unet, groups, batches, scheduler=pipe.scheduler, stride=250, info=whole)
+    monkeypatch.setattr(tt, "GRADIENT_FLOOR", 0)
+    monkeypatch.setattr(tt, "GRADIENT_SHARE", 0.2)
+    several = tt.taylor_timestep(pipe.unet, groups, batches, scheduler=pipe.scheduler, stride=250, info=split)
+    assert whole["gradient_passes"] == 1 and split["gradient_passes"] >= 5
+    assert split["timesteps"] == whole["timesteps"]
+    for g in groups:
+        assert torch.allclose(several[g.path], one[g.path], rtol=1e-4, atol=1e-12), g.path
+    assert all(p.grad is None for p in pipe.unet.parameters())
+
+
 def test_allocation_targets():
     pipe = tiny_pipeline(seed=0)
     groups = find_groups(pipe.unet)
@@ -256,3 +275,26 @@ def test_cli_prune_structured(tiny_dir, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["prune", "--model", str(tiny_dir), "--method", "magnitude", "--pattern", "channel",
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "structured method" in r.stderr
+
+
+def test_a_large_unet_is_weighed_by_macs_and_distils_lean(monkeypatch):
+    """Past config.LARGE_UNET_BYTES: no onnxruntime profile (a second copy of the weights), a --speedup on MACs, and a
+    distillation from the teacher's recorded outputs by Adafactor."""
+    from tinyprune.prune.structured import run as S
+
+    monkeypatch.setattr("tinyprune.config.LARGE_UNET_BYTES", 0)
+    monkeypatch.setattr(S, "ort_cost_table", lambda *a, **k: pytest.fail("a large UNet was profiled"))
+    pipe = tiny_pipeline(seed=0)
+    lines = []
+    plan = prune_structured(pipe, _spec("diff-pruning", recovery_steps=3, speedup=1.3, latency_aware=True,
+                                        cost_model="ort"), _batches(pipe, 4), score_options=FAST["diff-pruning"],
+                            log=lines.append)
+    unet = plan.components["unet"]
+    assert unet.target["kind"] == "macs" and unet.target["speedup"]["cost_model"] == "MACs"
+    assert unet.macs_dense / unet.macs == pytest.approx(1.3, rel=0.1)
+    assert any("by MACs, not a measured onnxruntime table" in line for line in lines)
+    assert any("this UNet is not timed here" in line for line in lines)
+    rec = unet.recovery
+    assert rec["optimizer"].startswith("adafactor") and "recorded before surgery on 3 training draws" in rec["teacher"]
+    with pytest.raises(InputError, match="--latency-budget-ms is measured onnxruntime time"):
+        prune_structured(tiny_pipeline(seed=0), _spec("diff-pruning", latency_budget_ms=5.0), _batches(pipe, 4))

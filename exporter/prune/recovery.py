@@ -24,6 +24,14 @@ batches (a calibration batch training never sees, HELD_OUT_DRAWS draws of it at 
 measured, the best weights so far are kept, and, once the rate has decayed under ARMED_BELOW of its start,
 PATIENCE evaluations without a gain end the run with the best weights back.
 
+A UNet past config.LARGE_UNET_BYTES of fp32 weights distils lean on one CPU process (Stable Diffusion 1.5's 3.2 GiB, where the
+default fits in 1.5x its weights only so): the teacher's outputs are recorded by the dense UNet before surgery, on the
+calibration batches, the held-out draws and the first POOL_DRAWS training draws, which the run then cycles (the
+draws the standard path makes, up to POOL_DRAWS steps), so no teacher stays in memory; output distillation only
+(the block features would be kept per draw); Adafactor (factored second moments, no first: its state is a few rows
+and columns per weight, where Adam's is twice the weights), each parameter stepped as its gradient is complete, so
+the gradients never exist all at once; the early stop's best weights written to disk, not kept beside them.
+
 On several ranks (prune/distributed.py) each step's batch is split by samples over the ranks and
 DistributedDataParallel averages the gradients, each rank's loss weighted by its share of the samples: every step
 is the step one process takes on the whole batch, up to rounding, and the weights stay identical on every rank.
@@ -33,8 +41,11 @@ fp16 autocast steps through torch's GradScaler (skipped steps included); bf16 ne
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -112,10 +123,11 @@ MIN_GAIN = 0.002
 
 
 class EarlyStop:
-    """The held-out loss along a run: the best weights so far (on the CPU), and whether to stop."""
+    """The held-out loss along a run: the best weights so far (on the CPU, or in the file `on_disk`), and whether
+    to stop."""
 
-    def __init__(self, model, evaluate):
-        self.model, self.evaluate = model, evaluate
+    def __init__(self, model, evaluate, on_disk: Path | None = None):
+        self.model, self.evaluate, self.on_disk = model, evaluate, on_disk
         self.best, self.best_step, self.bad, self.state, self.history = float("inf"), 0, 0, None, []
 
     def check(self, step: int, armed: bool = True) -> bool:
@@ -125,7 +137,10 @@ class EarlyStop:
         self.history.append([step, round(loss, 6) if math.isfinite(loss) else None])  # None: diverged
         if loss < self.best * (1 - MIN_GAIN):
             self.best, self.best_step, self.bad = loss, step, 0
-            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            if self.on_disk is not None:
+                self.state = _write_tensors(self.model.state_dict(), self.on_disk)
+            else:
+                self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         elif armed:
             self.bad += 1
         return self.bad >= PATIENCE
@@ -134,32 +149,63 @@ class EarlyStop:
         """The best weights back if the last evaluation was not the best; whether they were."""
         if self.state is None or self.history[-1][0] == self.best_step:
             return False
-        self.model.load_state_dict(self.state)
+        if self.on_disk is not None:
+            _read_tensors(self.model.state_dict(), self.on_disk)
+        else:
+            self.model.load_state_dict(self.state)
         return True
+
+
+def _write_tensors(state: dict, path: Path) -> bool:
+    """The tensors' bytes, one after the other, in a raw file (read back in place by _read_tensors)."""
+    with open(path, "wb") as f:
+        for v in state.values():
+            f.write(memoryview(v.detach().cpu().contiguous().numpy()).cast("B"))
+    return True
+
+
+@torch.no_grad()
+def _read_tensors(state: dict, path: Path) -> None:
+    """_write_tensors' file into the same tensors, one at a time: no second copy of the weights."""
+    with open(path, "rb") as f:
+        for v in state.values():
+            buf = torch.empty(v.shape, dtype=v.dtype)
+            f.readinto(memoryview(buf.numpy()).cast("B"))
+            v.copy_(buf)
 
 
 def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: list[Batch], steps: int, *,
             scheduler, lr: float = 1e-4, l1: float = 0.0, forward=denoising_loss, seed: int = 0,
             on_step=None, teacher: torch.nn.Module | None = None, minutes: float | None = None,
             feature_weight: float = 0.0, early_stop: EarlyStop | None = None, cosine: bool = False,
+            drawn: bool = False, lean: bool = False,
             log=lambda msg: None, engine: Engine = LOCAL) -> tuple[dict[str, torch.Tensor], dict]:
     """Fine-tune `model` in place for `steps` Adam steps (or until `minutes` have passed, or `early_stop` says
     so); returns the (possibly regrown) masks and a log. `feature_weight` (with a teacher): the weight of the
     stage blocks' feature MSE beside the output's. `cosine`: the learning rate decays along a half cosine from `lr`
-    to 0 over the run, `steps` or `minutes`, whichever ends it first."""
+    to 0 over the run, `steps` or `minutes`, whichever ends it first. `drawn`: `batches` are the steps' draws
+    already (step s takes batch s mod their number as it is). `lean`: Adafactor, each parameter stepped in the
+    backward pass as soon as its gradient is complete (no masks, no hook, one process; the module docstring)."""
+    if lean and (masks or on_step is not None or l1 or engine.world > 1 or engine.amp == torch.float16):
+        raise ValueError("lean recovery: no masks, no step hook, no L1, one process, no fp16 loss scaling")
     weights = prunable_weights(model)
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     g = torch.Generator().manual_seed(seed)  # the same draws on every rank: each renoises the whole batch
     scaler = torch.amp.GradScaler(engine.device.type, enabled=engine.amp == torch.float16)
-    losses = []
+    losses, hooks = [], []
     t0 = time.monotonic()
     model.train()
     try:
         for p in params:
             p.requires_grad_(True)
         net = engine.replicate(model)  # after requires_grad: DDP hooks the parameters that take gradients
-        opt = torch.optim.Adam(params, lr=lr)
+        if lean:
+            opts = [torch.optim.Adafactor([p], lr=lr) for p in params]
+            hooks.extend(p.register_post_accumulate_grad_hook(_step_now(o)) for p, o in zip(params, opts))
+        else:
+            opts = [torch.optim.Adam(params, lr=lr)]
+        opt = opts[0]
         with engine.checkpointed(model):
             for step in range(steps):
                 if minutes is not None and engine.any(time.monotonic() - t0 > 60 * minutes):
@@ -168,9 +214,11 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
                 armed = not cosine or rate < ARMED_BELOW
                 if early_stop is not None and step % EVAL_EVERY == 0 and early_stop.check(step, armed):
                     break
-                for group in opt.param_groups:
-                    group["lr"] = lr * rate
-                batch, weight = _share(renoise(batches[step % len(batches)], scheduler, g), engine)
+                for o in opts:
+                    for group in o.param_groups:
+                        group["lr"] = lr * rate
+                batch = batches[step % len(batches)]
+                batch, weight = _share(batch if drawn else renoise(batch, scheduler, g), engine)
                 feats_t, feats_s = [], []
                 if teacher is not None:
                     with torch.no_grad(), engine.autocast(), block_outputs(teacher, feats_t if feature_weight else []):
@@ -183,12 +231,13 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
                     total = total + feature_weight * sum(F.mse_loss(s.float(), t.float())
                                                          for s, t in zip(feats_s, feats_t))
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(total * weight if engine.world > 1 else total).backward()
-                scaler.unscale_(opt)  # the hook reads true gradients
-                if on_step is not None and (not scaler.is_enabled() or _finite(weights)):
-                    masks = on_step(step, weights) or masks
-                scaler.step(opt)
-                scaler.update()
+                scaler.scale(total * weight if engine.world > 1 else total).backward()  # lean: steps here
+                if not lean:
+                    scaler.unscale_(opt)  # the hook reads true gradients
+                    if on_step is not None and (not scaler.is_enabled() or _finite(weights)):
+                        masks = on_step(step, weights) or masks
+                    scaler.step(opt)
+                    scaler.update()
                 with torch.no_grad():
                     for name, m in masks.items():
                         weights[name].mul_(m.to(weights[name].dtype))
@@ -196,6 +245,8 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
                 if len(losses) % 50 == 0 and len(losses) < steps:
                     log(f"recovery: step {len(losses)}/{steps}, loss {losses[-1]:.5f}")
     finally:
+        for h in hooks:
+            h.remove()
         model.eval()
         for p, r in zip(params, was):
             p.requires_grad_(r)
@@ -211,6 +262,7 @@ def recover(model: torch.nn.Module, masks: dict[str, torch.Tensor], batches: lis
     done = len(losses)
     head, tail = losses[: max(1, done // 10)], losses[-max(1, done // 10):]
     record = {"steps": done, "lr": lr, "lr_schedule": "cosine" if cosine else "constant", "l1": l1,
+              "optimizer": "adafactor, stepped in the backward pass" if lean else "adam",
               "target": "teacher" if teacher is not None else "noise",
               "seconds": round(time.monotonic() - t0, 1),
               "train_loss_first": round(sum(head) / len(head), 6) if losses else None,
@@ -229,13 +281,61 @@ def _cosine(step: int, steps: int, minutes: float | None, elapsed: float, engine
     return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
+def _step_now(opt):
+    def hook(p):
+        opt.step()
+        p.grad = None
+
+    return hook
+
+
 def _finite(weights) -> bool:
     """fp16: whether this step's gradients are usable (GradScaler skips the step otherwise; so does the hook)."""
     return all(bool(torch.isfinite(w.grad).all()) for w in weights.values() if w.grad is not None)
 
 
 DISTILL_LR = 2e-3  # the demo UNet's own training rate; decayed along a half cosine
+LEAN_LR = 1e-2  # Adafactor's (torch's default): relative to each weight's RMS, where Adam's rate is absolute
 FEATURE_WEIGHT = 1.0  # BK-SDM's weight of the feature loss beside the output's
+POOL_DRAWS = 64  # training draws whose teacher outputs a lean distillation records (one teacher call each)
+
+
+def lean_distillation(unet, engine: Engine = LOCAL) -> bool:
+    """Whether structured recovery of `unet` distils lean (module docstring): a large UNet in one CPU process."""
+    from tinyprune import config
+
+    return config.large_unet(sum(p.numel() for p in unet.parameters())) and engine.device.type == "cpu" \
+        and engine.world == 1
+
+
+@dataclass(frozen=True)
+class RecordedTeacher:
+    """The dense UNet's outputs, recorded before surgery, as the target (`noise`) of each batch: `train`, the
+    training draws in the order the steps take them; `held`, the held-out draws; `whole`, the calibration batches."""
+
+    train: list[Batch]
+    held: list[Batch]
+    whole: list[Batch]
+
+
+@torch.no_grad()
+def record_teacher(teacher, batches: list[Batch], *, scheduler, steps: int, seed: int = 0, early_stop: bool = True,
+                   log=lambda msg: None) -> RecordedTeacher:
+    """The teacher's outputs on what a lean distillation of `steps` steps reads: its first min(steps, POOL_DRAWS)
+    training draws (recover's own draws, from the same seed), the held-out draws and the calibration batches."""
+    t0 = time.monotonic()
+    train, held = _held_out(batches, scheduler, seed) if early_stop else (batches, [])
+    g = torch.Generator().manual_seed(seed)
+    draws = [renoise(train[s % len(train)], scheduler, g) for s in range(min(steps, POOL_DRAWS))]
+
+    def label(bs):
+        return [Batch(b.x_t, b.t, b.cond, teacher(b.x_t, b.t, **b.cond).sample.float(), b.x0) for b in bs]
+
+    out = RecordedTeacher(label(draws), label(held), label(batches))
+    log(f"recovery: teacher outputs recorded on {len(draws)} training draws, {len(held)} held-out and "
+        f"{len(batches)} calibration batches in {time.monotonic() - t0:.0f} s (lean distillation: no teacher in "
+        "memory)")
+    return out
 
 
 def _held_out(batches: list[Batch], scheduler, seed: int) -> tuple[list[Batch], list[Batch]]:
@@ -247,31 +347,50 @@ def _held_out(batches: list[Batch], scheduler, seed: int) -> tuple[list[Batch], 
 
 
 def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float | None = None,
-            lr: float = DISTILL_LR, seed: int = 0, feature_weight: float = FEATURE_WEIGHT, early_stop: bool = True,
+            lr: float | None = None, seed: int = 0, feature_weight: float = FEATURE_WEIGHT, early_stop: bool = True,
             log=lambda msg: None, engine: Engine = LOCAL) -> dict:
     """Structured recovery: `recover` with the dense UNet as teacher and no masks, output and feature
     distillation, the early stop on held-out batches; returns the record the plan and the report show, with the
-    distillation loss on the calibration batches before and after."""
-    loss_before = mean_loss(student, batches, _distill_loss(teacher), engine)
-    train, held = _held_out(batches, scheduler, seed) if early_stop else (batches, [])
-    stop = EarlyStop(student, lambda: mean_loss(student, held, _distill_loss(teacher), engine)) if early_stop else None
-    _, rec = recover(student, {}, train, steps, scheduler=scheduler, lr=lr, seed=seed, teacher=teacher,
-                     minutes=minutes, feature_weight=feature_weight, early_stop=stop, cosine=True, log=log,
-                     engine=engine)
-    loss_after = mean_loss(student, batches, _distill_loss(teacher), engine)
+    distillation loss on the calibration batches before and after. `teacher`: the dense UNet, or its
+    RecordedTeacher (lean: output distillation by Adafactor, `lr` LEAN_LR unless given)."""
+    lean = isinstance(teacher, RecordedTeacher)
+    lr = lr if lr is not None else LEAN_LR if lean else DISTILL_LR
+    with tempfile.TemporaryDirectory(prefix="tinyprune-best-") as tmp:
+        if lean:
+            feature_weight = 0.0
+
+            def judge(bs):
+                return mean_loss(student, bs, engine=engine)
+
+            train, held, whole = teacher.train, teacher.held, teacher.whole
+        else:
+            def judge(bs):
+                return mean_loss(student, bs, _distill_loss(teacher), engine)
+
+            train, held = _held_out(batches, scheduler, seed) if early_stop else (batches, [])
+            whole = batches
+        loss_before = judge(whole)
+        stop = EarlyStop(student, lambda: judge(held), Path(tmp) / "best.bin" if lean else None) if early_stop else None
+        _, rec = recover(student, {}, train, steps, scheduler=scheduler, lr=lr, seed=seed,
+                         teacher=None if lean else teacher, minutes=minutes, feature_weight=feature_weight,
+                         early_stop=stop, cosine=True, drawn=lean, lean=lean, log=log, engine=engine)
+        loss_after = judge(whole)
     stopped = rec.get("early_stop")
     log(f"recovery: {rec['steps']} distillation steps in {rec['seconds']:.0f} s, loss vs dense "
         f"{loss_before:.5f} -> {loss_after:.5f}"
         + (f"; held-out loss best at step {stopped['best_step']} ({stopped['best_held_out_loss']:.5f})"
            + (", those weights restored" if stopped["restored_best"] else "") if stopped else ""))
     out = {"steps": rec["steps"], "requested_steps": steps, "minutes": minutes, "lr": lr,
-           "lr_schedule": rec["lr_schedule"], "seconds": rec["seconds"],
+           "lr_schedule": rec["lr_schedule"], "optimizer": rec["optimizer"], "seconds": rec["seconds"],
            "objective": "distillation (MSE to the dense UNet's output"
                         + (f" + {feature_weight:g} x the stage blocks' feature MSE" if feature_weight else "") + ")",
            "loss_before": round(loss_before, 6), "loss_after": round(loss_after, 6)}
+    if lean:
+        out["teacher"] = (f"outputs recorded before surgery on {len(train)} training draws, cycled "
+                          "(lean: a UNet past config.LARGE_UNET_BYTES)")
     if stopped is not None:
         out["early_stop"] = dict(stopped, held_out=(f"calibration batch {len(batches)} of {len(batches)}"
-                                                    if len(train) < len(batches) else "fixed draws of every batch"))
+                                                    if len(batches) >= 4 else "fixed draws of every batch"))
     return out
 
 

@@ -24,6 +24,29 @@ def release_free_memory() -> None:
         pass
 
 
+MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def page_out_weights(which=lambda path: True) -> int:
+    """Ask the kernel to reclaim the resident pages of the mapped .safetensors files `which(path)` picks (weights are
+    loaded as private file mappings, resident as they are read): a weight no longer referenced stops counting, one
+    still in use is read back from the file as it is touched, and a page written since (a weight pruned in place,
+    private memory now) is not the file's to drop. Linux only; returns the mappings advised (0 elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        with open("/proc/self/maps") as f:
+            maps = [line.rstrip("\n").split(maxsplit=5) for line in f]  # the path may hold spaces
+        ranges = [m[0] for m in maps if len(m) == 6 and m[5].endswith(".safetensors") and which(m[5])]
+    except (OSError, AttributeError):
+        return 0
+    for r in ranges:
+        start, end = (int(x, 16) for x in r.split("-"))
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
+    return len(ranges)
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
     try:

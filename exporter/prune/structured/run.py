@@ -11,8 +11,9 @@ used by pipeline.load_pipeline to rebuild the shapes before loading the safetens
 
 Latency targets (--speedup, --latency-budget-ms): the allocation keeps at most the dense UNet's cost-table time
 divided by the speed-up (or the budget), predicted from the table (measured onnxruntime time) or from MACs (GPU
-targets); with the measured table the pruned UNet is then timed against the dense one on onnxruntime here,
-interleaved, and the plan holds both figures.
+targets, and a UNet past config.LARGE_UNET_BYTES anywhere: profiling it would hold its weights twice); with the
+measured table the pruned UNet is then timed against the dense one on onnxruntime here, interleaved, and the plan
+holds both figures.
 
 With an engine on a GPU the UNet goes there for the scoring and the distillation only; MAC counts, cost tables,
 allocation and surgery are bookkeeping on the CPU.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from tinyprune.config import large_unet
 from tinyprune.errors import InputError
 from tinyprune.prune.structured.allocation import Target, align_channels, allocate, reachable
 from tinyprune.prune.structured.cost import (count_macs, export_unet_onnx, measured_speedup, ort_cost_table,
@@ -40,6 +42,7 @@ from tinyprune.prune.distributed import LOCAL, Engine
 from tinyprune.prune.plan import STRUCTURED_PATTERN, PrunePlan, StructuredComponent
 from tinyprune.prune.structured.groups import prunable_params
 from tinyprune.prune.structured.surgery import collapse_single_token_attention, remove_units
+from tinyprune.runtime.measure import page_out_weights
 
 STRUCTURED_METHODS = ("diff-pruning", "ld-pruner", "ecodiff")
 
@@ -73,7 +76,10 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log)
     """Per-unit cost for the allocation's priority, what it is, and the measured cost table (or None)."""
     if not latency_aware:
         return None, "parameters", None
-    if cost_model == "ort":
+    if cost_model == "ort" and large_unet(sum(p.numel() for p in unet.parameters())):
+        log("latency-aware: by MACs, not a measured onnxruntime table: profiling a UNet this large would hold its "
+            "weights twice (onnxruntime's copy beside PyTorch's) and take minutes a call")
+    elif cost_model == "ort":
         try:
             table = ort_cost_table(unet, groups, cond)
             if table.total_ms > 0:
@@ -91,7 +97,7 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log)
 def latency_target(st, groups, costs, table, macs_now: float) -> tuple[Target, dict]:
     """The allocation's Target for --speedup / --latency-budget-ms and what the plan records of it; one line
     (InputError) when the groups' time cannot reach it."""
-    if table is None:  # MACs: the stated model of a GPU target
+    if table is None:  # MACs: the stated model of a GPU target (or of a UNet too large to profile here)
         keep = macs_now / st.speedup
         return Target("macs", keep), {"kind": "speedup", "speedup": st.speedup, "cost_model": "MACs"}
     total = table.total_ms
@@ -198,6 +204,9 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     earlier run of the same method on the same model and batches, the scoring is skipped."""
     st = spec.structured
     unet = pipe.unet
+    if st.latency_budget_ms is not None and large_unet(sum(p.numel() for p in unet.parameters())):
+        raise InputError("--latency-budget-ms is measured onnxruntime time, which a UNet this large is not timed by "
+                         "here (a second copy of its weights); use --speedup (on its MACs) or --sparsity")
     t0 = time.monotonic()
     torch.manual_seed(spec.seed)
     context_tokens = pipe.family.context_tokens
@@ -205,7 +214,10 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         cond = pipe.family.example_condition(1)  # one sample's conditioning for MAC counts and cost tables
     params_dense = prunable_params(unet)
     macs_dense = count_macs(unet, cond)
-    teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 else None
+    from tinyprune.prune.recovery import distill, lean_distillation, record_teacher
+
+    lean = spec.recovery_steps > 0 and lean_distillation(unet, engine)  # the teacher's outputs recorded instead
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 and not lean else None
     if st.target_macs is not None:
         target = Target("macs", st.target_macs * macs_dense)
     else:
@@ -254,21 +266,24 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         keep, speed = engine.from_main(timed)
     else:
         keep = allocation(target)
+    if lean:  # the dense UNet's last moment: its outputs, for the distillation after surgery
+        with engine.hosting(unet):
+            teacher = record_teacher(unet.eval(), batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
+                                     seed=spec.seed, log=log)
     structure = remove_units(unet, keep, groups)
+    page_out_weights(lambda path: "/unet/" in path)  # the dense weights surgery replaced, mapped still
     params, macs_after = prunable_params(unet), count_macs(unet, cond)
     if speed is not None and target.kind == "macs":
         speed["predicted_speedup"] = round(macs_now / macs_after, 3)
-        log(f"unet: predicted speed-up {speed['predicted_speedup']:.2f}x (MACs; not measured: the target's GPU is "
-            "not here)")
+        log(f"unet: predicted speed-up {speed['predicted_speedup']:.2f}x (MACs; not measured: "
+            + ("the target's GPU is not here)" if st.cost_model == "macs" else "this UNet is not timed here)"))
     whole = [p for p, e in structure["groups"].items() if e.get("channels", e.get("heads", e.get("inner"))) == 0]
     log(f"unet: {spec.method}: {params_dense} -> {params} prunable parameters "
         f"({1 - params / params_dense:.4f} removed), MACs {macs_dense / 1e6:.1f}M -> {macs_after / 1e6:.1f}M, "
         f"{len(whole)} groups removed whole")
     recovery = None
     if teacher is not None:
-        from tinyprune.prune.recovery import distill
-
-        with engine.hosting(unet, teacher):
+        with engine.hosting(unet, *([] if lean else [teacher])):
             recovery = distill(unet, teacher, batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
                                minutes=st.recovery_minutes, seed=spec.seed, log=log, engine=engine)
         del teacher
