@@ -96,8 +96,13 @@ def test_diff_pruning_in_gradient_passes_gives_the_one_pass_scores(monkeypatch):
     one = tt.taylor_timestep(pipe.unet, groups, batches, scheduler=pipe.scheduler, stride=250, info=whole)
     monkeypatch.setattr(tt, "GRADIENT_FLOOR", 0)
     monkeypatch.setattr(tt, "GRADIENT_SHARE", 0.2)
+    monkeypatch.setattr("tinyprune.config.LARGE_UNET_BYTES", 0)  # a large UNet's way: checkpointed blocks too
+    seen = []
+    monkeypatch.setattr(type(pipe.unet), "enable_gradient_checkpointing",
+                        lambda self, _f=type(pipe.unet).enable_gradient_checkpointing: (seen.append(1), _f(self))[1])
     several = tt.taylor_timestep(pipe.unet, groups, batches, scheduler=pipe.scheduler, stride=250, info=split)
-    assert whole["gradient_passes"] == 1 and split["gradient_passes"] >= 5
+    assert whole["gradient_passes"] == 1 and split["gradient_passes"] >= 5 and seen == [1]
+    assert not pipe.unet.is_gradient_checkpointing
     assert split["timesteps"] == whole["timesteps"]
     for g in groups:
         assert torch.allclose(several[g.path], one[g.path], rtol=1e-4, atol=1e-12), g.path

@@ -401,11 +401,17 @@ def load_structured_unet(unet_dir: Path):
     record = json.loads((unet_dir / STRUCTURE_FILE).read_text())
     if config.get("_class_name") not in ("UNet2DConditionModel", "UNet2DModel"):
         raise ValueError(f"config.json names {config.get('_class_name')!r}, not a diffusers UNet")
-    unet = getattr(diffusers, config["_class_name"]).from_config(config)
-    apply_structure(unet, record)
+    # built without storage, the weights then taken as the file maps them (as diffusers loads a dense UNet): a
+    # dense UNet made, initialised and shrunk first took 3x SD-1.5's pruned weights at each load
+    with torch.device("meta"):
+        unet = getattr(diffusers, config["_class_name"]).from_config(config)
+        apply_structure(unet, record)
     files = sorted(unet_dir.glob("*.safetensors"))
     if len(files) != 1:
         raise ValueError(f"{unet_dir}: expected one .safetensors file, found {len(files)}")
     state = load_file(str(files[0]))
-    unet.load_state_dict(state, strict=True)
+    unet.load_state_dict(state, strict=True, assign=True)
+    empty = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"{unet_dir}: no weights for {', '.join(empty[:3])}")
     return unet.eval()

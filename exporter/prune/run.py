@@ -84,6 +84,10 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
     if batches is None and spec.needs_calibration:
         from tinyprune.model.calibration import calibration_batches
 
+        # the VAE's and text encoders' pages, resident from the dense references (the calibration reads the
+        # text encoder's again, once)
+        page_out_weights(lambda path: "/unet/" not in path)
+
         with engine.hosting(pipe.unet), engine.autocast():  # the dense model's samples, on the engine's device
             batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples,
                                           default=spec.default_calibration_samples)

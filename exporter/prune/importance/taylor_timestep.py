@@ -8,14 +8,15 @@ and fixed noise, re-noised at t) is back-propagated and its gradient added; L_ma
 far, and accumulation stops after the first timestep whose loss falls under threshold * L_max
 (L_t / L_max < T): later, noisier steps have converged, uninformative gradients. The reference visits all
 1000 training timesteps one by one; `stride` visits every stride-th (same rule, fewer backward passes): every 20th by
-default, every 100th on a UNet past config.LARGE_UNET_BYTES (at SD-1.5's size each timestep costs one backward pass
-per gradient pass, below: about 8 forward-and-backward passes of the whole UNet).
+default, every 100th on a UNet past config.LARGE_UNET_BYTES (at SD-1.5's size each timestep costs a forward and a
+partial backward per gradient pass, below).
 
 The summed gradient is as large as the parameters it belongs to: past GRADIENT_FLOOR it is held for at most
 GRADIENT_SHARE of the UNet's weights at a time, the parameters taken in passes (in module order), each pass running
 the same timesteps (the first pass decides them) with gradients on its own parameters only. Every parameter's
 summed gradient is the one a single pass gives; the passes cost forwards (a pass over the last blocks back-propagates
-through those blocks only). At Stable Diffusion 1.5's size: eight passes, 0.4 GiB of gradients instead of 3.
+through those blocks only). At Stable Diffusion 1.5's size: 16 passes, 0.2 GiB of gradients instead of 3, and the
+blocks' activations recomputed in the backward (diffusers' gradient checkpointing) rather than kept.
 On several ranks each takes whole calibration batches; L_t is all-reduced at every timestep (every rank stops at
 the same one) and each pass's accumulated gradients once, before |w * dL/dw|.
 """
@@ -34,7 +35,7 @@ from tinyprune.prune.structured.groups import unit_params, unit_sums
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_STRIDE = 20
 LARGE_STRIDE = 100
-GRADIENT_SHARE = 0.125  # of the UNet's weight bytes: the most gradient held at once ...
+GRADIENT_SHARE = 1 / 16  # of the UNet's weight bytes: the most gradient held at once ...
 GRADIENT_FLOOR = 512 * 2 ** 20  # ... once the whole of it would be over this (smaller UNets take one pass)
 
 
@@ -61,8 +62,10 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
                     engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
     """{group path: importance per unit}; `info` (a dict) receives the timesteps used and their losses."""
     all_params = list(unet.parameters())
-    if stride is None:
-        stride = LARGE_STRIDE if large_unet(sum(p.numel() for p in all_params)) else DEFAULT_STRIDE
+    large = large_unet(sum(p.numel() for p in all_params))
+    stride = (LARGE_STRIDE if large else DEFAULT_STRIDE) if stride is None else stride
+    # a large UNet's activations, kept for the backward, would take what the passes save: recomputed instead
+    checkpointed = large and hasattr(unet, "enable_gradient_checkpointing")
     wanted = {id(p) for g in groups for p, _, _ in unit_params(unet, g)}
     passes = gradient_passes(unet, [p for p in all_params if id(p) in wanted]) or [[]]
     was = [p.requires_grad for p in all_params]
@@ -71,6 +74,8 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
     n = sum(len(b.x0) for b in batches)
     scores = {g.path: torch.zeros(g.units, dtype=torch.float64) for g in groups}
     try:
+        if checkpointed:
+            unet.enable_gradient_checkpointing()
         for i, params in enumerate(passes):
             for p in all_params:
                 p.requires_grad_(False)
@@ -102,6 +107,8 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
             for g in groups:  # the parameters of other passes have no gradient here
                 scores[g.path] += unit_sums(unet, g, lambda p: (p * p.grad).abs() if p.grad is not None else None)
     finally:
+        if checkpointed:
+            unet.disable_gradient_checkpointing()
         for p, r in zip(all_params, was):
             p.requires_grad_(r)
             p.grad = None

@@ -214,7 +214,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         cond = pipe.family.example_condition(1)  # one sample's conditioning for MAC counts and cost tables
     params_dense = prunable_params(unet)
     macs_dense = count_macs(unet, cond)
-    from tinyprune.prune.recovery import distill, lean_distillation, record_teacher
+    from tinyprune.prune.recovery import RECORD_SHARE, distill, lean_distillation, record_teacher
 
     lean = spec.recovery_steps > 0 and lean_distillation(unet, engine)  # the teacher's outputs recorded instead
     teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 and not lean else None
@@ -269,7 +269,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     if lean:  # the dense UNet's last moment: its outputs, for the distillation after surgery
         with engine.hosting(unet):
             teacher = record_teacher(unet.eval(), batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
-                                     seed=spec.seed, log=log)
+                                     minutes=st.recovery_minutes, seed=spec.seed, log=log)
     structure = remove_units(unet, keep, groups)
     page_out_weights(lambda path: "/unet/" in path)  # the dense weights surgery replaced, mapped still
     params, macs_after = prunable_params(unet), count_macs(unet, cond)
@@ -284,8 +284,11 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     recovery = None
     if teacher is not None:
         with engine.hosting(unet, *([] if lean else [teacher])):
+            minutes = st.recovery_minutes  # the recording of a lean one counts in it
+            if lean and minutes is not None:
+                minutes = max(minutes - teacher.seconds / 60, minutes * (1 - RECORD_SHARE))
             recovery = distill(unet, teacher, batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
-                               minutes=st.recovery_minutes, seed=spec.seed, log=log, engine=engine)
+                               minutes=minutes, seed=spec.seed, log=log, engine=engine)
         del teacher
     entry = StructuredComponent(
         sparsity=1 - params / params_dense,  # the fraction of prunable parameters removed
