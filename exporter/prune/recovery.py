@@ -24,13 +24,14 @@ batches (a calibration batch training never sees, HELD_OUT_DRAWS draws of it at 
 measured, the best weights so far are kept, and, once the rate has decayed under ARMED_BELOW of its start,
 PATIENCE evaluations without a gain end the run with the best weights back.
 
-A UNet past config.LARGE_UNET_BYTES of fp32 weights distils lean on one CPU process (Stable Diffusion 1.5's 3.2 GiB, where the
-default fits in 1.5x its weights only so): the teacher's outputs are recorded by the dense UNet before surgery, on the
-calibration batches, the held-out draws and the first POOL_DRAWS training draws, which the run then cycles (the
-draws the standard path makes, up to POOL_DRAWS steps), so no teacher stays in memory; output distillation only
-(the block features would be kept per draw); Adafactor (factored second moments, no first: its state is a few rows
-and columns per weight, where Adam's is twice the weights), each parameter stepped as its gradient is complete, so
-the gradients never exist all at once; the early stop's best weights written to disk, not kept beside them.
+A UNet past config.LARGE_UNET_BYTES of fp32 weights distils lean, in one CPU process (the standard recovery holds the
+teacher, Adam's two moments and the early stop's copy beside the student: about 4.5x Stable Diffusion 1.5's weights):
+the dense UNet records its outputs before surgery on the calibration batches, the held-out draws and the run's first
+POOL_DRAWS training draws (the standard path's draws; with --recovery-minutes, those recorded within RECORD_SHARE of
+them), which the run then cycles, so no teacher stays in memory; output distillation only (block features would be
+kept per draw); Adafactor (factored second moments, no first: a few rows and columns of state per weight), each
+parameter stepped as soon as its gradient is complete, so the gradients never exist all at once; the early stop's
+best weights written to disk. On the demo it costs quality (benchmarks/results/lean_recovery.md).
 
 On several ranks (prune/distributed.py) each step's batch is split by samples over the ranks and
 DistributedDataParallel averages the gradients, each rank's loss weighted by its share of the samples: every step
