@@ -9,8 +9,10 @@ from tinyprune.model.structure import (SHRINK, Group, ValueOnlyAttention, _atten
                                        find_groups, get_module, set_module, structure_of)
 
 
-def remove_units(unet: nn.Module, keep: dict[str, torch.Tensor], groups: list[Group] | None = None) -> dict:
-    """Physically keep only the listed units of each group (sorted unit indices; absent = keep all).
+def remove_units(unet: nn.Module, keep: dict[str, torch.Tensor], groups: list[Group] | None = None,
+                 after_each=lambda: None) -> dict:
+    """Physically keep only the listed units of each group (sorted unit indices; absent = keep all);
+    `after_each()` runs after each group is replaced (the prune stage hands its dense weights' pages back there).
 
     Returns the structure record (what reload needs to rebuild the shapes) and stores it, merged with
     any earlier record, on the model as `unet.tinyprune_structure`.
@@ -25,6 +27,7 @@ def remove_units(unet: nn.Module, keep: dict[str, torch.Tensor], groups: list[Gr
             raise ValueError(f"{path}: the last unit of this {g.kind} group cannot be removed")
         new = SHRINK[g.kind](get_module(unet, path), g, units)
         set_module(unet, path, new)
+        after_each()
     record = structure_of(unet)
     unet.tinyprune_structure = record
     return record
