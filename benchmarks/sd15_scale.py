@@ -17,7 +17,7 @@ What runs (each in its own subprocess, one after the other):
   two_four     `tinyprune export --model DIR --pattern 2:4`: layers ranked by measured sensitivity on
                calibration latents made at the work latent
   structured   `tinyprune export --model DIR --method diff-pruning --sparsity 0.3 --calibration-samples 2
-               --recovery-minutes 5`: Diff-Pruning's Taylor scores (the summed gradient held a quarter at a time),
+               --recovery-minutes 5`: Diff-Pruning's Taylor scores (the summed gradient held a sixteenth at a time),
                channel surgery, and the lean distillation a UNet this large gets (prune/recovery.py), default gates
   verify       `tinyprune verify` of the default bundle (checksums + every metadata claim, streamed)
   make_sdxl    StableDiffusionXLPipeline parts with SDXL base 1.0's configurations (UNet 2.57B, CLIP ViT-L and

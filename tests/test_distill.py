@@ -139,11 +139,12 @@ def test_a_recorded_teacher_holds_the_teachers_outputs_on_the_standard_draws():
 def test_lean_distillation_steps_adafactor_in_the_backward_and_gains():
     pipe, student, teacher = _student_teacher()
     batches = _batches(pipe, 8)
+    # (this toy student sits near its teacher: a small rate shows the gain, 0.00665 -> 0.00175 when written)
     rec = R.distill(student, R.record_teacher(teacher, batches, scheduler=pipe.noise_scheduler, steps=40),
-                    batches, scheduler=pipe.noise_scheduler, steps=40, early_stop=False)
-    assert rec["optimizer"].startswith("adafactor") and rec["lr"] == R.LEAN_LR and rec["steps"] == 40
+                    batches, scheduler=pipe.noise_scheduler, steps=40, early_stop=False, lr=1e-3)
+    assert rec["optimizer"].startswith("adafactor") and rec["steps"] == 40
     assert "recorded before surgery on 40 training draws" in rec["teacher"] and "feature" not in rec["objective"]
-    assert rec["loss_after"] < 0.95 * rec["loss_before"]  # (0.00665 -> 0.00609 when written)
+    assert rec["loss_after"] < 0.5 * rec["loss_before"]
     assert all(p.grad is None for p in student.parameters())
     # the stepping hooks are gone with the run: a backward now only leaves gradients
     before = [p.detach().clone() for p in student.parameters()]
@@ -172,3 +173,22 @@ def test_only_a_large_unet_distils_lean(monkeypatch):
     assert not R.lean_distillation(pipe.unet, LOCAL)
     monkeypatch.setattr("tinyprune.config.LARGE_UNET_BYTES", 0)
     assert R.lean_distillation(pipe.unet, LOCAL)
+
+
+def test_lean_steps_keep_factored_state_for_conv_kernels():
+    """A conv kernel [out, in, k, k] is stepped as [out*in, k*k]: Adafactor's state is a row and a column of that."""
+    conv = torch.nn.Conv2d(64, 32, 3)
+    before = conv.weight.detach().clone()
+    opt, hook = R._step_now(conv.weight, 1e-2)
+    conv.weight.register_post_accumulate_grad_hook(hook)
+    conv(torch.randn(2, 64, 8, 8)).square().mean().backward()
+    assert conv.weight.grad is None and not torch.equal(conv.weight, before)  # stepped in the backward
+    state = next(iter(opt.state.values()))
+    held = sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    assert held == 32 * 64 + 9  # a row per kernel and a column per tap (torch's own [.., 3, 3] factoring: 2/3 of it)
+    one = torch.nn.Conv2d(64, 32, 1)
+    opt, hook = R._step_now(one.weight, 1e-2)
+    one.weight.register_post_accumulate_grad_hook(hook)
+    one(torch.randn(2, 64, 4, 4)).square().mean().backward()
+    assert sum(v.numel() for v in next(iter(opt.state.values())).values() if torch.is_tensor(v) and v.dim() > 0) \
+        == 32 + 64  # a 1x1 kernel: [out, in]
