@@ -118,7 +118,9 @@ def test_speedup_on_the_measured_table_is_timed_and_reproducible(monkeypatch):
     assert v["chosen"] in [r["asked"] for r in v["rounds"]] and v["rounds"][0]["asked"] == 1.4
     chosen = next(r for r in v["rounds"] if r["asked"] == v["chosen"])
     assert v["measured"] == chosen["measured"] and v["predicted_speedup"] == chosen["predicted"]
-    assert v["predicted_speedup"] >= 1.4 * 0.95  # what the table predicts for the units removed
+    # what the table predicts for the first round's units (asked 1.4); the chosen round may be a later one, asked for
+    # less after a measurement that outran the table (a fresh-clone CI run chose one predicting 1.29)
+    assert v["rounds"][0]["predicted"] >= 1.4 * 0.95
     m = v["measured"]
     assert m["backend"] == "ort-cpu" and m["speedup"] == round(m["dense_p50_ms"] / m["p50_ms"], 3)
     assert v["met"] == (m["speedup"] >= 1.4 * (1 - structured_run.MEASURE_SLACK))
