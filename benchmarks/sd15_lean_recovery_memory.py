@@ -12,14 +12,14 @@ from tinyprune.prune.structured.allocation import Target, allocate
 from tinyprune.prune.structured.groups import prunable_params
 from tinyprune.prune.structured.surgery import remove_units
 from tinyprune.prune import recovery as R
-from tinyprune.runtime.measure import page_out_weights, reset_peak_rss, status_kb
+from tinyprune.runtime.measure import page_out_beside_unet, page_out_weights, reset_peak_rss, status_kb
 torch.set_num_threads(2)
 def gib(k): return round(status_kb(k) / 2**20, 2)
 pipe = load_pipeline(sys.argv[1])
 unet = pipe.unet
 g = torch.Generator().manual_seed(0)
 batches = CalibrationSet(torch.randn(2, 4, 16, 16, generator=g), pipe.family.calibration_conditions(2), "t").batches(pipe, 2)
-page_out_weights(lambda p: "/unet/" not in p)
+page_out_beside_unet()
 groups = find_groups(unet)
 keep = allocate(groups, {x.path: torch.rand(x.units, generator=g) for x in groups}, Target("params", 0.3 * prunable_params(unet)))
 reset_peak_rss(); t0 = time.time()

@@ -269,9 +269,9 @@ STRUCTURED_CALIBRATION_SAMPLES = 200
 LARGE_UNET_BYTES = 2 ** 30
 
 
-def large_unet(params: int) -> bool:
-    """Whether a UNet of `params` parameters is past LARGE_UNET_BYTES in fp32."""
-    return params * 4 > LARGE_UNET_BYTES
+def large_unet(unet) -> bool:
+    """Whether a UNet's parameters are past LARGE_UNET_BYTES in fp32."""
+    return sum(p.numel() for p in unet.parameters()) * 4 > LARGE_UNET_BYTES
 
 
 RECOVERY_TARGETS = ("distill", "noise")

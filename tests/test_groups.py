@@ -147,6 +147,18 @@ def test_unit_sums_cover_every_parameter_of_the_group():
     assert float(ones.sum()) == counted and torch.all(ones == ones[0])
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_unit_sums_in_slices_are_the_whole_tensor_sums(monkeypatch, axis):
+    """Summed a few rows at a time (SUM_SLICE elements), the per-channel float64 sums are the whole tensor's."""
+    from tinyprune.prune.structured import groups as G
+
+    x = torch.randn(12, 10, 3, 3, generator=torch.Generator().manual_seed(0))
+    whole = x.movedim(axis, 0).reshape(x.shape[axis], -1).double().sum(1)
+    monkeypatch.setattr(G, "SUM_SLICE", 20)  # 2 rows of 90 elements a slice: 6 slices
+    assert torch.allclose(G._sum_along(x, axis), whole, rtol=1e-12, atol=0)
+    assert torch.equal(G._sum_along(x[:, 0, 0, 0], 0), x[:, 0, 0, 0].double())  # a bias: its own elements
+
+
 # --------------------------------------------------------------------------- whole UNet
 
 def _unet_inputs(unet, tokens=1):

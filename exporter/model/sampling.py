@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 
 from tinyprune.model.families import cat_cond, move_cond
 from tinyprune.model.pipeline import Pipeline
-from tinyprune.runtime.measure import page_out_weights
+from tinyprune.runtime.measure import page_out_beside_unet
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
@@ -45,7 +45,7 @@ def sample_latents(pipe: Pipeline, conditions: list, seed: int = 0, steps: int =
     cond = move_cond(family.condition(conditions, size), device)
     uncond = move_cond(family.null_condition(b, size), device)
     # the loop reads the UNet only: the text encoders' file pages, just read, stop counting (0.46 GiB at SD-1.5 size)
-    page_out_weights(lambda path: "/unet/" not in path)
+    page_out_beside_unet()
     for t in scheduler.timesteps:
         eps = guided_eps(pipe.unet, scheduler.scale_model_input(latents, t), t, cond, uncond, guidance)
         latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample

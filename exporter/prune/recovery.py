@@ -322,7 +322,7 @@ def lean_distillation(unet, engine: Engine = LOCAL) -> bool:
     """Whether structured recovery of `unet` distils lean (module docstring): a large UNet in one CPU process."""
     from tinyprune import config
 
-    return config.large_unet(sum(p.numel() for p in unet.parameters())) and engine.device.type == "cpu" \
+    return config.large_unet(unet) and engine.device.type == "cpu" \
         and engine.world == 1
 
 
@@ -377,8 +377,11 @@ def distill(student, teacher, batches, *, scheduler, steps: int, minutes: float 
     """Structured recovery: `recover` with the dense UNet as teacher and no masks, output and feature
     distillation, the early stop on held-out batches; returns the record the plan and the report show, with the
     distillation loss on the calibration batches before and after. `teacher`: the dense UNet, or its
-    RecordedTeacher (lean: output distillation by Adafactor, `lr` LEAN_LR unless given)."""
+    RecordedTeacher (lean: output distillation by Adafactor, `lr` LEAN_LR unless given, the recording's time counted
+    in `minutes`)."""
     lean = isinstance(teacher, RecordedTeacher)
+    if lean and minutes is not None:
+        minutes = max(minutes - teacher.seconds / 60, minutes * (1 - RECORD_SHARE))
     lr = lr if lr is not None else LEAN_LR if lean else DISTILL_LR
     with tempfile.TemporaryDirectory(prefix="tinyprune-best-") as tmp:
         if lean:

@@ -20,7 +20,7 @@ from tinyprune.prune.masks import MaskStream, prunable_weights, unstructured
 from tinyprune.model.pipeline import Pipeline
 from tinyprune.prune.plan import LayerPlan, MaskedComponent, PrunePlan
 from tinyprune.prune.recovery import mean_loss, recover
-from tinyprune.runtime.measure import page_out_weights
+from tinyprune.runtime.measure import page_out_beside_unet
 
 
 def _masks(model, weights, spec: PruneSpec, batches, scheduler, log, engine: Engine):
@@ -86,7 +86,7 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
 
         # the VAE's and text encoders' pages, resident from the dense references (the calibration reads the
         # text encoder's again, once)
-        page_out_weights(lambda path: "/unet/" not in path)
+        page_out_beside_unet()
 
         with engine.hosting(pipe.unet), engine.autocast():  # the dense model's samples, on the engine's device
             batches = calibration_batches(pipe, spec.calibration, seed=spec.seed, samples=spec.calibration_samples,
@@ -100,7 +100,7 @@ def prune(pipe: Pipeline, spec: PruneSpec, batches=None, log=lambda msg: None, e
         batches = [b.to(engine.device) for b in batches]
     # the text encoders and the VAE, read for the dense references and the calibration, rest until the checks after
     # pruning: their file pages stop counting (at Stable Diffusion 1.5's size 0.8 GiB the scoring has no room for)
-    page_out_weights(lambda path: "/unet/" not in path)
+    page_out_beside_unet()
     if spec.pattern == "channel":  # structured: channels and heads physically removed (prune/structured/)
         from tinyprune.prune.structured.run import prune_structured
 

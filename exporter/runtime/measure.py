@@ -47,6 +47,12 @@ def page_out_weights(which=lambda path: True) -> int:
     return len(ranges)
 
 
+def page_out_beside_unet() -> int:
+    """page_out_weights for every component's weights but the UNet's (the VAE's, the text encoders'): read for a
+    check or the calibration, then idle while the UNet works."""
+    return page_out_weights(lambda path: "/unet/" not in path)
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
     try:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tinyprune.config import large_unet
 from tinyprune.model.structure import Group
 from tinyprune.prune.distributed import LOCAL, Engine
-
 from tinyprune.prune.structured.groups import unit_params, unit_sums
+from tinyprune.runtime.measure import release_free_memory
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_STRIDE = 20
@@ -62,7 +62,7 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
                     engine: Engine = LOCAL) -> dict[str, torch.Tensor]:
     """{group path: importance per unit}; `info` (a dict) receives the timesteps used and their losses."""
     all_params = list(unet.parameters())
-    large = large_unet(sum(p.numel() for p in all_params))
+    large = large_unet(unet)
     stride = (LARGE_STRIDE if large else DEFAULT_STRIDE) if stride is None else stride
     # a large UNet's activations, kept for the backward, would take what the passes save: recomputed instead
     checkpointed = large and hasattr(unet, "enable_gradient_checkpointing")
@@ -104,8 +104,12 @@ def taylor_timestep(unet, groups: list[Group], batches, *, scheduler, threshold:
                     break
             engine.sum_grads(params)
             engine.unscale([p.grad for p in params if p.grad is not None], "diff-pruning gradients")
+            for p in params:  # |w * dL/dw| in the gradient's own memory (its last use): no per-tensor temporaries
+                if p.grad is not None:
+                    p.grad.mul_(p.detach()).abs_()
             for g in groups:  # the parameters of other passes have no gradient here
-                scores[g.path] += unit_sums(unet, g, lambda p: (p * p.grad).abs() if p.grad is not None else None)
+                scores[g.path] += unit_sums(unet, g, lambda p: p.grad)
+            release_free_memory()  # the pass's freed gradients and recomputed activations, back to the OS
     finally:
         if checkpointed:
             unet.disable_gradient_checkpointing()

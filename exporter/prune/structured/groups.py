@@ -42,6 +42,18 @@ def unit_params(unet: nn.Module, g: Group) -> list[tuple[torch.Tensor, int, bool
     return out
 
 
+SUM_SLICE = 1 << 22  # elements cast to float64 at a time by _sum_along
+
+
+def _sum_along(v: torch.Tensor, axis: int) -> torch.Tensor:
+    """v summed over every axis but `axis`, in float64, a slice of rows at a time: torch's sum(dtype=float64) casts
+    the whole tensor first (at SD size 0.11 GiB for one 1280-channel kernel, beside the scoring's gradients)."""
+    rows = max(1, SUM_SLICE // max(1, v[0].numel()))
+    dims = [d for d in range(v.dim()) if d != axis]
+    parts = [c.double().sum(dims) if dims else c.double() for c in v.split(rows)]
+    return torch.cat(parts) if axis == 0 else torch.stack(parts).sum(0)
+
+
 def unit_sums(unet: nn.Module, g: Group, per_element) -> torch.Tensor:
     """Sum of per_element(param) over every element that goes with each unit: a tensor [units]."""
     total = torch.zeros(g.units, dtype=torch.float64)
@@ -49,8 +61,7 @@ def unit_sums(unet: nn.Module, g: Group, per_element) -> torch.Tensor:
         v = per_element(p)
         if v is None:
             continue
-        # summed in float64 without a float64 copy of the tensor (at SD size a layer's copy is 0.24 GB more)
-        v = v.detach().movedim(axis, 0).reshape(p.shape[axis], -1).sum(1, dtype=torch.float64)
+        v = _sum_along(v.detach(), axis)
         if halves:
             v = v[: len(v) // 2] + v[len(v) // 2:]
         total += v.view(g.units, g.width).sum(1)

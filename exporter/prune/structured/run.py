@@ -76,7 +76,7 @@ def unit_costs(unet, groups, *, latency_aware: bool, cost_model: str, cond, log)
     """Per-unit cost for the allocation's priority, what it is, and the measured cost table (or None)."""
     if not latency_aware:
         return None, "parameters", None
-    if cost_model == "ort" and large_unet(sum(p.numel() for p in unet.parameters())):
+    if cost_model == "ort" and large_unet(unet):
         log("latency-aware: by MACs, not a measured onnxruntime table: profiling a UNet this large would hold its "
             "weights twice (onnxruntime's copy beside PyTorch's) and take minutes a call")
     elif cost_model == "ort":
@@ -204,7 +204,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     earlier run of the same method on the same model and batches, the scoring is skipped."""
     st = spec.structured
     unet = pipe.unet
-    if st.latency_budget_ms is not None and large_unet(sum(p.numel() for p in unet.parameters())):
+    if st.latency_budget_ms is not None and large_unet(unet):
         raise InputError("--latency-budget-ms is measured onnxruntime time, which a UNet this large is not timed by "
                          "here (a second copy of its weights); use --speedup (on its MACs) or --sparsity")
     t0 = time.monotonic()
@@ -214,7 +214,7 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
         cond = pipe.family.example_condition(1)  # one sample's conditioning for MAC counts and cost tables
     params_dense = prunable_params(unet)
     macs_dense = count_macs(unet, cond)
-    from tinyprune.prune.recovery import RECORD_SHARE, distill, lean_distillation, record_teacher
+    from tinyprune.prune.recovery import distill, lean_distillation, record_teacher
 
     lean = spec.recovery_steps > 0 and lean_distillation(unet, engine)  # the teacher's outputs recorded instead
     teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.recovery_steps > 0 and not lean else None
@@ -285,11 +285,8 @@ def prune_structured(pipe, spec, batches, log=lambda msg: None, score_options: d
     recovery = None
     if teacher is not None:
         with engine.hosting(unet, *([] if lean else [teacher])):
-            minutes = st.recovery_minutes  # the recording of a lean one counts in it
-            if lean and minutes is not None:
-                minutes = max(minutes - teacher.seconds / 60, minutes * (1 - RECORD_SHARE))
             recovery = distill(unet, teacher, batches, scheduler=pipe.noise_scheduler, steps=spec.recovery_steps,
-                               minutes=minutes, seed=spec.seed, log=log, engine=engine)
+                               minutes=st.recovery_minutes, seed=spec.seed, log=log, engine=engine)
         del teacher
     entry = StructuredComponent(
         sparsity=1 - params / params_dense,  # the fraction of prunable parameters removed
