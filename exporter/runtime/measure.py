@@ -7,9 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,29 +51,6 @@ def page_out_beside_unet() -> int:
     """page_out_weights for every component's weights but the UNet's (the VAE's, the text encoders'): read for a
     check or the calibration, then idle while the UNet works."""
     return page_out_weights(lambda path: "/unet/" not in path)
-
-
-PAGE_OUT_EVERY = 0.5  # seconds between page_out_weights calls in paging_out
-
-
-@contextmanager
-def paging_out(which=lambda path: True, every: float = PAGE_OUT_EVERY):
-    """page_out_weights(which) every `every` seconds while the block runs, from a thread: for work that reads each
-    weight and leaves a copy behind, the mapped original then idle -- torch.onnx.export folds each Linear's
-    transposed weight into a new tensor (at SD-1.5 size 1.0 GiB of them, beside the 3.2 GiB still mapped)."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.wait(every):
-            page_out_weights(which)
-
-    thread = threading.Thread(target=loop, name="tinyprune-page-out", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def reset_peak_rss() -> bool:
