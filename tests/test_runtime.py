@@ -331,6 +331,27 @@ def test_runtime_check_runs_one_guided_condition_per_unet_call(bundle, tiny_dir,
     assert float(np.abs(images - ref.images).max()) == pytest.approx(drift.max_abs, abs=1e-6)
 
 
+def test_one_at_a_time_holds_one_phase_loaded_and_makes_the_same_images(bundle, monkeypatch):
+    """Text encoders, UNet, decoder: each loaded for its phase alone (the runtime check's memory), the same bytes."""
+    from tinyprune.runtime.generate import Runtime
+
+    out, _ = bundle
+    with Runtime(out) as rt:
+        conditions = rt.conditions(["a cat", "the sea"])
+        whole = rt.generate(conditions, seed=3, steps=3)
+    loaded = []
+    with Runtime(out, one_at_a_time=True) as rt:
+        assert not any(r.active for r in rt.runners.values())
+        for name, runner in rt.runners.items():  # (__call__ is looked up on the class: _infer is the instance's)
+            infer = runner._infer
+            monkeypatch.setattr(runner, "_infer", lambda feed, name=name, infer=infer: (
+                loaded.append((name, sorted(n for n, r in rt.runners.items() if r.active))), infer(feed))[1])
+        phased = rt.generate(conditions, seed=3, steps=3)
+        assert not any(r.active for r in rt.runners.values())
+    assert np.array_equal(whole, phased)
+    assert {name for name, _ in loaded} == set(rt.runners) and all(active == [name] for name, active in loaded)
+
+
 def test_validate_runtime_drift_dense_and_pruned(bundle, tiny_dir, tmp_path):
     from tinyprune.workflows.export import export
 

@@ -60,7 +60,7 @@ def runtime_drift(bundle_dir: Path, ref: RuntimeReference, profile, what: str, s
     from tinyprune.runtime.generate import Runtime
     from tinyprune.model.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    with Runtime(bundle_dir, backend) as rt:
+    with Runtime(bundle_dir, backend, one_at_a_time=True) as rt:  # one session at a time: the check's peak
         # one condition per UNet call (with its unguided twin): at Stable Diffusion's size the four conditions' batch
         # of 8 held 11.6 GiB of onnxruntime's attention activations; DDIM makes the same images from the same noise
         rt.max_batch = min(rt.max_batch or RUNTIME_CHECK_BATCH, RUNTIME_CHECK_BATCH)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +117,14 @@ class Runtime:
 
     conditions: prompts or None placeholders, as the bundle's conditioning takes them (see
     conditions()). runners: {component: Runner} to use instead of the backend's own (bench passes PyTorch runners
-    this way, so every backend is timed through this same loop).
+    this way, so every backend is timed through this same loop). one_at_a_time: each phase (text encoders, UNet,
+    decoder) loads its runners and releases them after it, where all are otherwise loaded at once: what one
+    generate() call needs at the least memory (at Stable Diffusion 1.5's size the text encoder's and decoder's
+    sessions beside the UNet's are 0.7 GiB), at the cost of loading them again at every call.
     """
 
     def __init__(self, bundle: str | Path, backend: str = "ort-cpu", threads: int = 0,
-                 runners: dict[str, Runner] | None = None):
+                 runners: dict[str, Runner] | None = None, one_at_a_time: bool = False):
         self.bundle = Path(bundle)
         if not self.bundle.is_dir():
             raise InputError(f"bundle {self.bundle} does not exist or is not a directory")
@@ -136,6 +140,7 @@ class Runtime:
                         for c in self.components}
         self.conditioning.runners = self.runners
         self.max_batch = self._max_batch() if backend == "trt" else None
+        self.one_at_a_time = one_at_a_time
 
     def _max_batch(self) -> int | None:
         """TensorRT engines take batches up to their profile's max: from the manifest's min/opt/max shapes."""
@@ -153,8 +158,21 @@ class Runtime:
         self.deactivate()
 
     def activate(self):
-        for r in self.runners.values():
+        if not self.one_at_a_time:  # else each phase loads its own (_phase)
+            for r in self.runners.values():
+                r.activate()
+
+    @contextmanager
+    def _phase(self, components):
+        """The runners of one phase, loaded for it and released after it when one_at_a_time."""
+        runners = [self.runners[c] for c in components] if self.one_at_a_time else []
+        for r in runners:
             r.activate()
+        try:
+            yield
+        finally:
+            for r in runners:
+                r.deactivate()
 
     def deactivate(self):
         for r in self.runners.values():
@@ -188,27 +206,32 @@ class Runtime:
         pairs = 2 if cond_of.guided else 1
         chunk = max(1, self.max_batch // pairs) if self.max_batch else len(conditions)
         out, done, total = [], 0, len(timesteps) * -(-len(conditions) // chunk)  # PNDM: steps + 1 calls
+        chunks = []
+        with self._phase([c for c in self.components if c not in ("unet", self.decoder)]):  # the text encoders
+            for lo in range(0, len(conditions), chunk):
+                part = conditions[lo:lo + chunk]
+                feeds = cond_of.cond(part, guidance, size / native)
+                uncond = cond_of.uncond(len(part), size / native) if cond_of.guided else None
+                if uncond is not None:
+                    feeds = {k: np.concatenate([uncond[k], feeds[k]]) for k in feeds}
+                chunks.append((lo, part, feeds))
         unet = self.runners["unet"]
-        for lo in range(0, len(conditions), chunk):
-            part = conditions[lo:lo + chunk]
-            latents = noise[lo:lo + chunk] * np.float32(sched.init_noise_sigma)
-            feeds = cond_of.cond(part, guidance, size / native)
-            uncond = cond_of.uncond(len(part), size / native) if cond_of.guided else None
-            if uncond is not None:
-                feeds = {k: np.concatenate([uncond[k], feeds[k]]) for k in feeds}
-            n = pairs * len(part)
-            for i, t in enumerate(timesteps):
-                x = sched.scale_model_input(latents if pairs == 1 else np.concatenate([latents, latents]), i)
-                eps = unet({"sample": np.ascontiguousarray(x, dtype=np.float32),
-                            "timestep": np.full((n,), t, dtype=np.float32), **feeds})["out_sample"]
-                if pairs == 2:
-                    eps_u, eps_c = eps[: len(part)], eps[len(part):]
-                    eps = eps_u + np.float32(guidance) * (eps_c - eps_u)
-                latents = sched.step(eps, i, latents, rng)
-                done += 1
-                if callback:
-                    callback(done, total)
-            out.append(latents)
+        with self._phase(["unet"]):
+            for lo, part, feeds in chunks:
+                latents = noise[lo:lo + chunk] * np.float32(sched.init_noise_sigma)
+                n = pairs * len(part)
+                for i, t in enumerate(timesteps):
+                    x = sched.scale_model_input(latents if pairs == 1 else np.concatenate([latents, latents]), i)
+                    eps = unet({"sample": np.ascontiguousarray(x, dtype=np.float32),
+                                "timestep": np.full((n,), t, dtype=np.float32), **feeds})["out_sample"]
+                    if pairs == 2:
+                        eps_u, eps_c = eps[: len(part)], eps[len(part):]
+                        eps = eps_u + np.float32(guidance) * (eps_c - eps_u)
+                    latents = sched.step(eps, i, latents, rng)
+                    done += 1
+                    if callback:
+                        callback(done, total)
+                out.append(latents)
         return np.concatenate(out)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -220,8 +243,9 @@ class Runtime:
         chunk = min(self.max_batch or len(latents), len(latents))
         vae = self.runners[self.decoder]
         unscaled = latents / np.float32(self.shapes["scaling_factor"])
-        images = [vae({"latent_sample": np.ascontiguousarray(unscaled[lo:lo + chunk], dtype=np.float32)})["sample"]
-                  for lo in range(0, len(latents), chunk)]
+        with self._phase([self.decoder]):
+            images = [vae({"latent_sample": np.ascontiguousarray(unscaled[lo:lo + chunk], dtype=np.float32)})["sample"]
+                      for lo in range(0, len(latents), chunk)]
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1)
 
     def generate(self, conditions: list, seed: int = 0, steps: int = DEFAULT_STEPS, scheduler: str | None = None,
