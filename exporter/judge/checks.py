@@ -24,6 +24,7 @@ import numpy as np
 
 from tinyprune.config import DeviceProfile, work_latent
 from tinyprune.judge.drift import IMAGE_SEED, Drift, ImageDrift
+from tinyprune.runtime.measure import page_out_weights
 
 IMAGE_CHECK = "image dense vs pruned"
 LARGE_MODEL_CHECKS = (1, 8)  # conditions, sampler steps of the image checks past config.CHECK_WORK
@@ -138,6 +139,9 @@ def torch_references(pipe, spec, profile: DeviceProfile) -> list[TorchReference]
             for batch in sorted({spec.batch.opt, spec.batch.min}):
                 feed = comp.dummy_feed(batch, spec.work_latent, seed=1)
                 refs.append(TorchReference(comp.name, batch, feed, torch_runner(feed), comp.tolerance(profile)))
+        # the component's file pages, just read, stop counting beside the next one's (at SD-1.5 size the text
+        # encoder's 0.46 GiB stayed beside the UNet's run)
+        page_out_weights()
     return refs
 
 
