@@ -145,3 +145,51 @@ def test_paging_out_weights_drops_their_file_pages_and_keeps_their_values(tmp_pa
     assert page_out_weights(lambda path: path.startswith(here) and "/unet/" in path) == 1
     assert before - status_kb("RssFile") > 48 * 1024
     assert float(w.sum()) == total  # read back from the file as touched
+
+
+HEAP_CHURN = """
+import ctypes
+import sys
+from tinyprune.runtime.measure import GLIBC_THRESHOLD_MAX, M_MMAP_THRESHOLD, heap_returned, status_kb
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+
+
+def returned_mib():
+    big, small = [], []
+    for _ in range(16):
+        block = libc.malloc(8 << 20)
+        ctypes.memset(block, 1, 8 << 20)  # resident
+        big.append(block)
+        small.append(libc.malloc(256 << 10))  # live between them
+    before = status_kb("RssAnon")
+    for block in big:
+        libc.free(ctypes.c_void_p(block))
+    return (before - status_kb("RssAnon")) / 1024
+
+
+if sys.argv[1] == "raised":
+    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_THRESHOLD_MAX)  # where glibc's own threshold rises to (and stays after)
+    print(returned_mib())
+else:
+    with heap_returned():
+        print(returned_mib())
+"""
+
+
+def test_heap_returned_gives_freed_blocks_back_between_live_small_ones():
+    """Blocks freed between live smaller ones: kept by glibc's heap under its raised threshold, handed back inside
+    heap_returned (each its own mapping)."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+
+    def returned_mib(how: str) -> float:  # each in a fresh interpreter: a used heap's holes decide where blocks land
+        run = subprocess.run([sys.executable, "-c", HEAP_CHURN, how], capture_output=True, text=True, check=True)
+        return float(run.stdout)
+
+    assert returned_mib("raised") < 32  # 16 x 8 MiB freed: held in the heap
+    assert returned_mib("heap_returned") > 120  # each unmapped
