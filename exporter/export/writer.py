@@ -21,7 +21,6 @@ from tinyprune.config import ExportSpec
 from tinyprune.errors import InputError
 from tinyprune.export.metadata import set_metadata, sparsity_metadata
 from tinyprune.model.pipeline import Pipeline
-from tinyprune.runtime.measure import heap_returned
 
 # Highest opset the TorchScript exporter is exercised with here; profiles cap it further.
 MAX_EXPORT_OPSET = 17
@@ -54,7 +53,7 @@ def plain_attention(pipe: Pipeline):
 
 def export_component(pipe: Pipeline, comp: ComponentSpec, spec: ExportSpec, path: Path, meta: dict) -> dict:
     """Export one component to `path` (a model.onnx inside its own dir); returns the metadata stamped on it."""
-    with plain_attention(pipe), heap_returned():
+    with plain_attention(pipe):
         _trace(pipe, comp, spec, path)
     model = onnx.load(str(path), load_external_data=False)  # past 2 GB torch wrote one file per tensor
     model.producer_name, model.producer_version = "tinyprune", meta["version"]

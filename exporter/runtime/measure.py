@@ -8,7 +8,6 @@ import gc
 import os
 import platform
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,34 +22,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-RETURNED_FROM = 1 << 20  # bytes from which heap_returned's allocations get their own mapping
-GLIBC_THRESHOLD_MAX = 32 << 20  # where glibc's own (dynamic) threshold ends up on 64-bit
-
-
-@contextmanager
-def heap_returned():
-    """Allocations of RETURNED_FROM bytes and more get their own mappings while the block runs (glibc's mallopt),
-    so each goes back to the OS when freed. glibc otherwise raises its threshold to the largest block freed (up to
-    32 MiB) and serves blocks under it from the heap, where the holes between live small allocations stay resident.
-    torch.onnx.export makes a copy of each weight as it writes it: at SD-1.5 size the UNet's export peaked at
-    4.20-4.45 GiB without this, 4.10-4.11 with it (two runs each), at the cost of a page fault per page of each block
-    (about a fifth more time). Holes the heap had before the block are still reused. After the block the threshold
-    is glibc's ceiling, fixed. No-op where there is no glibc."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, RETURNED_FROM)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, GLIBC_THRESHOLD_MAX)
 
 
 MADV_PAGEOUT = 21  # Linux >= 5.4
