@@ -55,6 +55,18 @@ def test_each_method_hits_the_parameter_fraction(method):
         assert pipe.unet(x, torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 1, 32)).sample.shape == x.shape
 
 
+def test_ld_pruner_logs_its_forwards_as_it_goes():
+    from tinyprune.prune.importance.latent_stats import latent_stats
+
+    pipe = tiny_pipeline(seed=0)
+    groups, lines, info = find_groups(pipe.unet), [], {}
+    latent_stats(pipe.unet, groups, _batches(pipe, 2), chunk=4, log=lines.append, info=info)
+    progress = [line for line in lines if " forwards, " in line]
+    counts = [int(line.split()[1].split("/")[0]) for line in progress]
+    assert info["forwards"] == 1 + sum(-(-g.units // 4) for g in groups) == int(progress[0].split("/")[1].split()[0])
+    assert 9 <= len(progress) <= 11 and counts == sorted(counts) and counts[-1] > 0.9 * info["forwards"]
+
+
 class _Identity(torch.nn.Module):
     """Predicts epsilon as x_t itself: its loss falls as t grows (x_t -> noise), like a trained model's."""
 
