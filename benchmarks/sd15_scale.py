@@ -4,9 +4,9 @@ stage, beside optimum's exporter on the same pipeline.
     .venv/bin/python benchmarks/sd15_scale.py [--work DIR] [--optimum-python VENV/bin/python] [--only a,b,...]
 
 What runs (each in its own subprocess, one after the other):
-  make         StableDiffusionPipeline parts with SD 1.5's configurations (UNet2DConditionModel, AutoencoderKL,
+  make         a StableDiffusionPipeline with SD 1.5's configurations (UNet2DConditionModel, AutoencoderKL,
                CLIPTextModel ViT-L), random weights made here (no download), a CLIPTokenizer over bytes (the
-               tests'), saved as a pipeline dir
+               tests'), no safety checker, saved with diffusers' save_pretrained
   default      `tinyprune export --model DIR` with nothing else: magnitude 0.43, target jetson, every default gate
                (ONNX drift, dense-vs-pruned images, runtime-vs-PyTorch images; a UNet this large runs them at a
                smaller latent, export.specs.work_latent)
@@ -19,6 +19,7 @@ What runs (each in its own subprocess, one after the other):
   structured   `tinyprune export --model DIR --method diff-pruning --sparsity 0.3 --calibration-samples 2
                --recovery-minutes 5`: Diff-Pruning's Taylor scores (the summed gradient held a sixteenth at a time),
                channel surgery, and the lean distillation a UNet this large gets (prune/recovery.py), default gates
+  ld_pruner    the same with `--method ld-pruner`: LD-Pruner's output-statistics scores (forward passes only)
   verify       `tinyprune verify` of the default bundle (checksums + every metadata claim, streamed)
   make_sdxl    StableDiffusionXLPipeline parts with SDXL base 1.0's configurations (UNet 2.57B, CLIP ViT-L and
                OpenCLIP bigG text encoders, SDXL's VAE), random weights, save_pretrained
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,13 +105,12 @@ class _Stages:
 
 def cmd_make(pipe_dir: str) -> dict:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from pipelines import SD_INDEX, tokenizer
-    from tinyprune.model.pipeline import Pipeline, save_pipeline
+    from pipelines import tokenizer
 
     st = _Stages()
     with st("build random SD-1.5 UNet + VAE + text encoder"):
@@ -120,9 +121,10 @@ def cmd_make(pipe_dir: str) -> dict:
         tok = tokenizer(Path(pipe_dir).parent / "sd15-vocab")
         sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        pipe = Pipeline(unet, vae, sched, {"text_encoder": encoder, "tokenizer": tok}, dict(SD_INDEX)).eval()
-    with st("save_pipeline"):
-        save_pipeline(pipe, Path(pipe_dir))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tok, unet=unet, scheduler=sched,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with st("save_pretrained"):
+        pipe.save_pretrained(pipe_dir, safe_serialization=True)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_vae = sum(p.numel() for p in vae.parameters())
     return {"unet_params": n_unet, "vae_params": n_vae, "unet_fp32_bytes": 4 * n_unet, "vae_fp32_bytes": 4 * n_vae,
@@ -192,6 +194,15 @@ def cmd_optimum_dir(pipe_dir: str, out_dir: str) -> dict:
 
 
 # ---------------------------------------------------------------- the driver
+def _commit() -> str | None:
+    """The checkout's commit, "+" when its tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+
+
 def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     """Run one stage in a subprocess; its JSON result on the last stdout line, its ru_maxrss from wait4."""
     print(f"[{name}] {' '.join(argv)}", file=sys.stderr, flush=True)
@@ -202,7 +213,7 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     entry = {"argv": argv, "exit_code": code, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-             "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+             "max_rss_mb": round(usage.ru_maxrss / 1024, 1), "commit": _commit()}
     try:
         entry["result"] = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else None
     except json.JSONDecodeError:
@@ -213,7 +224,7 @@ def _run(name: str, argv: list[str], results: dict, env=None) -> dict | None:
     return entry
 
 
-SD15_RUNS = ("make", "default", "optimum", "two_four", "structured", "verify")
+SD15_RUNS = ("make", "default", "optimum", "two_four", "structured", "ld_pruner", "verify")
 SDXL_RUNS = ("make_sdxl", "sdxl", "sdxl_repeat")
 
 
@@ -239,7 +250,8 @@ def _table(results: dict, runs: tuple[str, ...]) -> str:
         # ru_maxrss alone is not the whole process's peak here: the kernel derives it from the peak counter that
         # the per-stage resets restart, so it reports the last stage's peak; take the max with the stages'.
         peak = max([entry["max_rss_mb"], *(res.get("peak_rss_mb") or {}).values()])
-        lines.append(f"| {run} | **whole process**, exit {entry['exit_code']}, CPU {entry.get('cpu_s', 0):.0f} s "
+        at = f", at {entry['commit']}" if entry.get("commit") else ""
+        lines.append(f"| {run} | **whole process**{at}, exit {entry['exit_code']}, CPU {entry.get('cpu_s', 0):.0f} s "
                      f"| {entry['wall_s']:.1f} | {peak / 1024:.2f} | {peak / weights:.2f} | "
                      f"{'yes' if peak <= goal else 'NO'} |")
     return "\n".join(lines)
@@ -276,16 +288,19 @@ def main() -> int:
     if "two_four" in only:
         _run("two_four", cli + ["--model", str(pipe), "--pattern", "2:4", "--out", str(work / "bundle-2to4"),
                                 "--force", "--json"], results, env)
-    if "structured" in only:
-        _run("structured", cli + ["--model", str(pipe), "--method", "diff-pruning", "--sparsity", "0.3",
-                                  "--calibration-samples", "2", "--recovery-minutes", "5",
-                                  "--out", str(work / "bundle-structured"), "--force", "--json"], results, env)
+    for run, method in (("structured", "diff-pruning"), ("ld_pruner", "ld-pruner")):
+        if run in only:
+            _run(run, cli + ["--model", str(pipe), "--method", method, "--sparsity", "0.3",
+                             "--calibration-samples", "2", "--recovery-minutes", "5",
+                             "--out", str(work / f"bundle-{run}"), "--force", "--json"], results, env)
     if "verify" in only:
         _run("verify", [py, "-m", "tinyprune.cli", "verify", str(work / "bundle-default"), "--json"], results, env)
     if "make_sdxl" in only:
         _run("make_sdxl", [py, __file__, "_make_sdxl", str(sdxl)], results, env)
     for run in ("sdxl", "sdxl_repeat"):
         if run in only:
+            # --force keeps the old bundle until the new one is published: two SDXL bundles (26 GB each) at once
+            shutil.rmtree(work / "bundle-sdxl", ignore_errors=True)
             _run(run, cli + ["--model", str(sdxl), "--target", "jetson-agx-orin", "--out", str(work / "bundle-sdxl"),
                              "--force", "--json"], results, env)
     results["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
